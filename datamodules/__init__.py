@@ -1,0 +1,1 @@
+"""Where data comes from and how it is corrupted."""

@@ -1,0 +1,1 @@
+"""LightningModules and the nets they wrap."""

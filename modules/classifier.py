@@ -1,0 +1,123 @@
+"""ClassifierModule: supervised training of any nn.Module, the one LightningModule of the project.
+
+Losses: cross-entropy, squared loss against one-hot targets, hinge (multi-class margin; for a
+single output, labels 0/1 become -1/+1). Optimizers: SGD with momentum, Adam; weight decay and an
+optional per-epoch exponential learning-rate decay (Zhang et al.'s 0.95).
+
+Per epoch it logs `train_loss`, `train_acc` (running over the epoch) and, for each evaluation
+split the datamodule names, `<split>_loss` and `<split>_acc`. Sums are kept on the device and
+reduced across DDP ranks once per epoch, so the hot path does no logging. `history` keeps the
+same numbers per epoch for the pipelines (identical on every rank).
+"""
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("cross_entropy", "squared", "hinge")
+
+
+def loss_fn(name: str, outputs: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    if name == "cross_entropy":
+        return F.cross_entropy(outputs, y, reduction=reduction)
+    if name == "squared":
+        target = F.one_hot(y, outputs.shape[1]).to(outputs.dtype)
+        per_example = ((outputs - target) ** 2).sum(dim=1)
+        return per_example.mean() if reduction == "mean" else per_example.sum() if reduction == "sum" else per_example
+    if name == "hinge":
+        if outputs.shape[1] == 1:
+            per_example = torch.clamp(1 - (2 * y.to(outputs.dtype) - 1) * outputs[:, 0], min=0)
+            return per_example.mean() if reduction == "mean" else per_example.sum() if reduction == "sum" else per_example
+        return F.multi_margin_loss(outputs, y, reduction=reduction)
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def predictions(outputs: torch.Tensor) -> torch.Tensor:
+    """Predicted class; a single output predicts 1 when positive (f(x) = 0 counts as wrong for both)."""
+    if outputs.shape[1] == 1:
+        return torch.where(outputs[:, 0] > 0, 1, torch.where(outputs[:, 0] < 0, 0, -1))
+    return outputs.argmax(dim=1)
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(self, net: nn.Module, loss: str = "cross_entropy", optimizer: str = "sgd", lr: float = 0.01,
+                 momentum: float = 0.9, weight_decay: float = 0.0, lr_decay: float = 1.0,
+                 eval_splits: tuple[str, ...] = ("val", "test")):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        self.net = net
+        self.loss_name, self.optimizer_name, self.lr, self.momentum = loss, optimizer, lr, momentum
+        self.weight_decay, self.lr_decay, self.eval_splits = weight_decay, lr_decay, tuple(eval_splits)
+        self.history: list[dict[str, float]] = []
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_name == "adam":
+            optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        if self.lr_decay == 1.0:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, self.lr_decay)}
+
+    def _accumulate(self, split: str, outputs: torch.Tensor, y: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        correct = (predictions(outputs.detach()) == y).sum()
+        entry = torch.stack([loss_sum.detach().float(), correct.float(), torch.tensor(float(len(y)), device=y.device)])
+        self._sums[split] = self._sums[split] + entry if split in self._sums else entry
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        outputs = self(x)
+        loss = loss_fn(self.loss_name, outputs, y)
+        self._accumulate("train", outputs, y, loss * len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, y = batch
+        outputs = self(x)
+        self._accumulate(self.eval_splits[dataloader_idx], outputs, y, loss_fn(self.loss_name, outputs, y, "sum"))
+
+    def _flush(self, splits) -> None:
+        metrics = {}
+        for split in splits:
+            if split not in self._sums:
+                continue
+            loss_sum, correct, count = self.trainer.strategy.reduce(self._sums.pop(split), reduce_op="sum").tolist()
+            metrics[f"{split}_loss"], metrics[f"{split}_acc"] = loss_sum / count, correct / count
+        if not metrics:
+            return
+        self.log_dict(metrics, on_epoch=True, sync_dist=False)
+        if self.history and self.history[-1]["epoch"] == self.current_epoch:
+            self.history[-1].update(metrics)
+        else:
+            self.history.append({"epoch": self.current_epoch, "step": self.global_step, **metrics})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._flush(self.eval_splits)
+        self._sums = {k: v for k, v in self._sums.items() if k == "train"}
+
+    def on_train_epoch_end(self) -> None:
+        self._flush(("train",))
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
+        """(mean loss, accuracy) of the net in eval mode on tensors, outside any Trainer."""
+        was_training = self.training
+        self.eval()
+        loss, correct = 0.0, 0
+        device = next(self.parameters()).device
+        for start in range(0, len(y), batch_size):
+            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            outputs = self(xb)
+            loss += loss_fn(self.loss_name, outputs, yb, "sum").item()
+            correct += (predictions(outputs) == yb).sum().item()
+        self.train(was_training)
+        return loss / len(y), correct / len(y)

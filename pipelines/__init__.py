@@ -1,0 +1,13 @@
+"""Experiment pipelines: one module per MLproject entry point.
+
+A pipeline module defines `Params` (a dataclass extending `CommonParams`, which generates its
+flags) and `run(params, tracking) -> summary`; `python -m pipelines <name> --flag value ...` runs it.
+"""
+import importlib
+
+NAMES = ("randomization",)
+
+
+def load(name: str):
+    """The pipeline module registered under `name`."""
+    return importlib.import_module(f"pipelines.{name}")

@@ -1,0 +1,43 @@
+"""Run one experiment pipeline, tracked in MLflow:
+
+    python -m pipelines <name> [--flag value ...]     (the same as: mlflow run . -e <name> -P flag=value)
+    python -m pipelines <name> --help                 (its flags and defaults)
+
+Bad input ends with one line naming the flag and exit code 2, before any run is created.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from pipelines import NAMES, load
+from pipelines.params import UsageError, parse
+from pipelines.tracking import Tracking
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in NAMES:
+        wanted = argv[0] if argv else ""
+        print(f"usage: python -m pipelines {{{','.join(NAMES)}}} [--flag value ...]", file=sys.stderr)
+        if wanted in ("-h", "--help"):
+            return 0
+        print(f"error: unknown pipeline {wanted!r}; choose from {', '.join(NAMES)}", file=sys.stderr)
+        return 2
+    name, prog = argv[0], f"python -m pipelines {argv[0]}"
+    pipeline = load(name)
+    try:
+        params = parse(pipeline.Params, argv[1:], prog=prog)
+        with Tracking(name, params) as tracking:
+            summary = pipeline.run(params, tracking)
+            tracking.log_dict(summary, "summary.json")
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1)[:4000])
+    print(tracking.ui_hint())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""One dataclass of parameters per pipeline generates its command-line flags and its MLproject entry.
+
+Flags are `--name value`, which is what `mlflow run -P name=value` passes. Booleans accept
+true/false (and MLflow's True/False); tuple fields are comma-separated lists. Every pipeline's
+dataclass extends `CommonParams`, so the common flags of DESIGN.md exist everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line naming the flag, exit code 2, before any run is created."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"--{flag}: {message}")
+        self.flag = flag
+
+
+def param(default, help: str, choices: tuple | None = None):
+    """A dataclass field that also carries its flag's help text (and allowed values)."""
+    kwargs = {"default_factory": lambda: default} if isinstance(default, (list, dict)) else {"default": default}
+    return field(metadata={"help": help, "choices": choices}, **kwargs)
+
+
+def parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _scalar_parser(kind) -> typing.Callable[[str], object]:
+    return parse_bool if kind is bool else kind
+
+
+def _field_type(cls, f: dataclasses.Field):
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _parser_for(cls, f: dataclasses.Field) -> typing.Callable[[str], object]:
+    kind = _field_type(cls, f)
+    if typing.get_origin(kind) is tuple:
+        item = _scalar_parser(typing.get_args(kind)[0])
+        return lambda text: tuple(item(part.strip()) for part in str(text).split(",") if part.strip())
+    return _scalar_parser(kind)
+
+
+def format_value(value) -> str:
+    """The string a flag takes for `value`: the inverse of the parser (used for MLproject defaults)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_value(v) for v in value)
+    return str(value)
+
+
+def parse(cls, argv: list[str], prog: str):
+    """Parse `argv` into an instance of the dataclass `cls`, then run its `validate()`."""
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    converters = {}
+    for f in dataclasses.fields(cls):
+        converters[f.name] = _parser_for(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE",
+                            help=f"{f.metadata.get('help', '')} (default: {format_value(default)})")
+    try:
+        namespace = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed its one-line usage error
+        raise SystemExit(2 if exit_.code else 0) from None
+    values = {}
+    for f in dataclasses.fields(cls):
+        raw = getattr(namespace, f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = converters[f.name](raw)
+        except ValueError as error:
+            raise UsageError(f.name, str(error)) from None
+    params = cls(**values)
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        value = getattr(params, f.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if choices and item not in choices:
+                raise UsageError(f.name, f"unknown value {item!r}; choose from {', '.join(map(str, choices))}")
+    params.validate()
+    return params
+
+
+def defaults(cls) -> dict[str, str]:
+    """Flag name -> default as the flag's string, in declaration order (for MLproject)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = format_value(default)
+    return out
+
+
+def require(condition: bool, flag: str, message: str) -> None:
+    if not condition:
+        raise UsageError(flag, message)
+
+
+def require_fraction(values, flag: str, low_open: bool = False) -> None:
+    for v in values if isinstance(values, tuple) else (values,):
+        ok = (0 < v <= 1) if low_open else (0 <= v <= 1)
+        require(ok, flag, f"{v} is outside {'(0, 1]' if low_open else '[0, 1]'}")
+
+
+@dataclass
+class CommonParams:
+    """Flags that every pipeline has."""
+
+    dataset: str = param("mnist5k", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, cifar10)")
+    data_dir: str = param("data", "folder holding torchvision datasets")
+    download: bool = param(False, "download torchvision datasets into --data_dir when missing")
+    seed: int = param(0, "random seed (data corruption, initialization, batching)")
+    max_epochs: int = param(30, "epoch budget of each training")
+    batch_size: int = param(128, "mini-batch size (global, across devices)")
+    lr: float = param(0.01, "learning rate")
+    optimizer: str = param("sgd", "optimizer", choices=("sgd", "adam"))
+    accelerator: str = param("cpu", "Lightning accelerator: cpu, gpu or auto")
+    devices: int = param(1, "devices (processes) per node")
+    strategy: str = param("auto", "Lightning strategy: auto, ddp, ddp_spawn")
+    num_nodes: int = param(1, "number of nodes")
+    precision: str = param("32-true", "Lightning precision: 32-true, 16-mixed, bf16-mixed")
+    tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    experiment_name: str = param("", "MLflow experiment (default: the pipeline's name, or the one `mlflow run` chose)")
+
+    def validate(self) -> None:
+        from datamodules.sources import EMBEDDED, SOURCES, DataUnavailable, load  # late: keeps --help fast
+
+        require(self.dataset in SOURCES, "dataset", f"unknown dataset {self.dataset!r}; choose from {', '.join(SOURCES)}")
+        for name in ("max_epochs", "batch_size", "devices", "num_nodes"):
+            require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(self.accelerator in ("cpu", "gpu", "cuda", "auto"), "accelerator",
+                f"unknown accelerator {self.accelerator!r}; choose from cpu, gpu, auto")
+        require(self.strategy in ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"), "strategy",
+                f"unknown strategy {self.strategy!r}; choose from auto, ddp, ddp_spawn")
+        if self.dataset not in EMBEDDED:  # missing files are bad input, found before any run exists
+            try:
+                load(self.dataset, self.data_dir, self.download, self.seed)
+            except DataUnavailable as error:
+                raise UsageError("data_dir", str(error)) from None
+        require(self.devices <= available_devices(self.accelerator), "devices",
+                f"{self.devices} requested but this machine has {available_devices(self.accelerator)} "
+                f"{'CPU cores' if resolved_accelerator(self.accelerator) == 'cpu' else 'GPUs'}")
+
+
+def resolved_accelerator(accelerator: str) -> str:
+    import torch
+
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator == "cuda" else accelerator
+
+
+def available_devices(accelerator: str) -> int:
+    import torch
+
+    if resolved_accelerator(accelerator) == "gpu":
+        return torch.cuda.device_count()
+    return os.cpu_count() or 1

@@ -1,0 +1,105 @@
+"""One way to run a training, for every pipeline: build the Trainer, fit, hand back the result.
+
+A `TrainJob` bundles a LightningModule, its datamodule, its callbacks and the hardware flags.
+`fit(job)` trains in this process on one device. With several devices (DDP), the training runs as
+its own process group, `python -m pipelines.training JOB`: Lightning's DDP launcher re-executes
+that command for every rank, so a pipeline's orchestration (sweeps, the Optuna loop, pruning
+rounds) runs once, and only rank 0 logs and writes the trained job back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+
+# Lightning reports every Trainer's hardware and a warning about our ready-made batches: noise here.
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec|isinstance\(treespec).*")
+
+
+@dataclass
+class Hardware:
+    accelerator: str = "cpu"
+    devices: int = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+
+    @classmethod
+    def from_params(cls, params) -> "Hardware":
+        return cls(params.accelerator, params.devices, params.strategy, params.num_nodes, params.precision)
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
+
+
+@dataclass
+class TrainJob:
+    module: L.LightningModule
+    datamodule: L.LightningDataModule
+    hardware: Hardware
+    max_epochs: int
+    seed: int = 0
+    callbacks: list = field(default_factory=list)
+    run_id: str | None = None  # the MLflow run that the training's metrics go to
+    tracking_uri: str = ""
+    max_steps: int = -1
+    check_val_every_n_epoch: int = 1
+    val_check_interval: int | float | None = None
+
+
+def make_trainer(job: TrainJob) -> L.Trainer:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    logger = MLFlowLogger(tracking_uri=job.tracking_uri, run_id=job.run_id) if job.run_id else False
+    hw = job.hardware
+    return L.Trainer(
+        accelerator=hw.accelerator, devices=hw.devices, strategy=hw.strategy, num_nodes=hw.num_nodes,
+        precision=hw.precision, max_epochs=job.max_epochs, max_steps=job.max_steps, logger=logger,
+        callbacks=job.callbacks, deterministic="warn", enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(), num_sanity_val_steps=0, use_distributed_sampler=False,
+        check_val_every_n_epoch=job.check_val_every_n_epoch, val_check_interval=job.val_check_interval,
+        log_every_n_steps=1)
+
+
+def _fit_here(job: TrainJob) -> L.Trainer:
+    L.seed_everything(job.seed, verbose=False)
+    trainer = make_trainer(job)
+    trainer.fit(job.module, datamodule=job.datamodule)
+    return trainer
+
+
+def fit(job: TrainJob) -> TrainJob:
+    """Trains `job.module` and returns the job as rank 0 left it (module on the CPU, callbacks' state)."""
+    if job.hardware.world_size == 1:
+        _fit_here(job)
+        return job
+    with tempfile.TemporaryDirectory(prefix="train-job-") as folder:
+        path = os.path.join(folder, "job.pt")
+        torch.save(job, path)
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
+        done = subprocess.run([sys.executable, "-m", "pipelines.training", path], env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"the DDP training process failed with exit code {done.returncode}")
+        return torch.load(path + ".out", weights_only=False)
+
+
+def _worker(path: str) -> None:
+    job: TrainJob = torch.load(path, weights_only=False)
+    trainer = _fit_here(job)
+    if trainer.global_rank == 0:
+        job.module.to("cpu")
+        torch.save(job, path + ".out")
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
