@@ -8,6 +8,7 @@ Bad input ends with one line naming the flag and exit code 2, before any run is 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from pipelines import NAMES, load
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown pipeline {wanted!r}; choose from {', '.join(NAMES)}", file=sys.stderr)
         return 2
     name, prog = argv[0], f"python -m pipelines {argv[0]}"
+    for noisy in ("mlflow", "alembic"):  # database set-up chatter is not the user's business
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     pipeline = load(name)
     try:
         params = parse(pipeline.Params, argv[1:], prog=prog)

@@ -68,7 +68,7 @@ def make_trainer(job: TrainJob) -> L.Trainer:
         callbacks=job.callbacks, deterministic="warn", enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=sys.stderr.isatty(), num_sanity_val_steps=0, use_distributed_sampler=False,
         check_val_every_n_epoch=job.check_val_every_n_epoch, val_check_interval=job.val_check_interval,
-        log_every_n_steps=1)
+        limit_val_batches=None if getattr(job.datamodule, "eval_splits", True) else 0, log_every_n_steps=1)
 
 
 def _fit_here(job: TrainJob) -> L.Trainer:

@@ -1,0 +1,134 @@
+"""The command line and tracking contract: flags vs MLproject, bad input, runs in MLflow, DDP."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines import NAMES, load
+from pipelines.__main__ import main
+from pipelines.mlproject import render
+from pipelines.params import defaults, parse
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_mlproject_is_generated_from_the_parameter_dataclasses():
+    assert (REPO / "MLproject").read_text() == render(), "run `python -m pipelines.mlproject`"
+    entry_points = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+    assert list(entry_points) == list(NAMES)
+    for name in NAMES:
+        declared = {k: str(v["default"]) for k, v in entry_points[name]["parameters"].items()}
+        assert declared == defaults(load(name).Params)
+        for flag in declared:
+            assert f"--{flag} {{{flag}}}" in entry_points[name]["command"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flags_round_trip_through_their_defaults(name):
+    params_cls = load(name).Params
+    argv = [token for key, value in defaults(params_cls).items() for token in (f"--{key}", value)]
+    assert dataclasses.asdict(parse(params_cls, argv, name)) == dataclasses.asdict(params_cls())
+
+
+def test_mlflow_style_booleans_and_lists_parse():
+    params = parse(load("randomization").Params, ["--augment", "True", "--label_noise", "0, 0.5,1"], "r")
+    assert params.augment is True and params.label_noise == (0.0, 0.5, 1.0)
+
+
+BAD_INPUT = [
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--conditions", "true_labels,rotated"], "--conditions"),
+    (["--model", "alexnet"], "--model"),
+    (["--label_noise", "0,1.5"], "--label_noise"),
+    (["--max_epochs", "0"], "--max_epochs"),
+    (["--batch_size", "-8"], "--batch_size"),
+    (["--devices", "4096"], "--devices"),
+    (["--lr", "fast"], "--lr"),
+    (["--dataset", "mnist", "--data_dir", "nowhere"], "--data_dir"),
+]
+
+
+@pytest.mark.parametrize("flags,flag", BAD_INPUT)
+def test_bad_input_is_one_line_naming_the_flag_exit_2_and_no_run(flags, flag, tmp_path, capsys):
+    store = tmp_path / "bad.db"
+    assert main(["randomization", "--tracking_uri", f"sqlite:///{store}", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not store.exists()  # nothing half-written: not even the tracking database
+
+
+def test_unknown_pipeline_exits_2(capsys):
+    assert main(["no_such_pipeline"]) == 2
+    assert "unknown pipeline" in capsys.readouterr().err
+
+
+def test_randomization_reproduces_zhang_et_al_on_digits(run_pipeline):
+    """Every condition is fit, random labels test at chance and take longer to fit than true labels."""
+    result = run_pipeline("randomization", "--dataset", "digits", "--lr", "0.05", "--max_epochs", "500",
+                          "--label_noise", "0,0.5,1")
+    assert result.exit_code == 0
+    summary = result.summary()
+    conditions = summary["conditions"]
+    assert set(conditions) == {"true_labels", "random_labels", "shuffled_pixels", "random_pixels", "gaussian"}
+    for name, row in conditions.items():
+        assert row["train_acc"] >= 0.99 and row["steps_to_fit"] is not None, name
+    assert conditions["true_labels"]["test_acc"] > 0.9
+    assert conditions["random_labels"]["test_acc"] < 0.2  # chance is 0.1
+    assert conditions["random_labels"]["steps_to_fit"] > 2 * conditions["true_labels"]["steps_to_fit"]
+    noise = summary["label_noise"]
+    assert noise["0"] == conditions["true_labels"] and noise["1"] == conditions["random_labels"]
+    assert noise["0"]["test_acc"] > noise["0.5"]["test_acc"] > noise["1"]["test_acc"]
+
+    # One parent tagged with the pipeline, one child per distinct training (p=0 and p=1 reuse conditions).
+    assert result.parent.data.tags["pipeline"] == "randomization" and result.parent.info.status == "FINISHED"
+    assert len(result.children) == 6
+    assert all(child.info.status == "FINISHED" for child in result.children)
+    random_child = next(c for c in result.children if c.data.params["corruption"] == "random_labels")
+    assert random_child.data.metrics["steps_to_fit"] == conditions["random_labels"]["steps_to_fit"]
+    history = result.client.get_metric_history(random_child.info.run_id, "train_loss")
+    assert len(history) > 10 and history[-1].value < history[0].value
+    assert {"figures/fig1a_training_loss.png", "figures/fig1b_steps_to_fit.png", "figures/fig1c_test_error.png",
+            "summary.json"} <= set(result.artifact_paths())
+
+
+def test_under_mlflow_run_logs_into_its_run_without_relogging_params(run_pipeline, tracking_uri, monkeypatch):
+    """`mlflow run` creates the parent and logs every -P value as a string first (here '1e-2' for lr)."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.create_experiment("test-randomization")
+    parent = client.create_run(experiment_id)
+    client.log_param(parent.info.run_id, "lr", "1e-2")
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
+    result = run_pipeline("randomization", "--dataset", "digits", "--conditions", "true_labels",
+                          "--label_noise", "", "--max_epochs", "2", "--lr", "1e-2")
+    assert result.exit_code == 0
+    assert result.parent.info.run_id == parent.info.run_id and len(result.parents) == 1
+    assert result.parent.data.params["lr"] == "1e-2" and result.parent.data.tags["pipeline"] == "randomization"
+    assert len(result.children) == 1 and "summary.json" in result.artifact_paths()
+
+
+def test_a_failing_pipeline_marks_its_runs_failed_and_keeps_what_was_logged(run_pipeline, tracking_uri, monkeypatch):
+    from pipelines import randomization
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(randomization, "train_one", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_pipeline("randomization", "--dataset", "digits", "--conditions", "true_labels", "--label_noise", "")
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("test-randomization").experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2
+    assert all(r.data.params["seed"] == "0" for r in runs)
+
+
+def test_ddp_on_two_cpu_processes_runs_the_orchestration_once(run_pipeline):
+    result = run_pipeline("randomization", "--dataset", "digits", "--conditions", "true_labels,gaussian",
+                          "--label_noise", "", "--max_epochs", "2", "--devices", "2", "--strategy", "ddp")
+    assert result.exit_code == 0
+    assert len(result.parents) == 1 and len(result.children) == 2
+    assert set(result.summary()["conditions"]) == {"true_labels", "gaussian"}
+    for child in result.children:  # rank 0 alone logged: one value per epoch, not two
+        assert [m.step for m in result.client.get_metric_history(child.info.run_id, "train_acc")] == [12, 24]
