@@ -16,12 +16,16 @@ from datamodules.sources import Arrays, load
 
 
 class TensorBatches:
-    """An iterable of (x, y) mini-batches cut from tensors; reshuffled every epoch from (seed, epoch)."""
+    """An iterable of (x, y) mini-batches cut from tensors; reshuffled every pass from (seed, pass count).
+
+    One iteration makes `passes` passes over the tensors (a tiny training set's "epoch" can then hold
+    enough steps that Lightning's per-epoch cost does not dominate).
+    """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int = 0, augment: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, passes: int = 1):
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
-        self.augment, self.rank, self.world_size = augment, rank, world_size
+        self.augment, self.rank, self.world_size, self.passes = augment, rank, world_size, passes
         self.epoch = 0
 
     def _indices(self) -> torch.Tensor:
@@ -30,19 +34,23 @@ class TensorBatches:
             order = torch.arange(n)
         else:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        # Under DDP every rank must take as many batches as the others (else the gradient all-reduce
+        # hangs): pad with the first examples to a multiple of the world size, as DistributedSampler does.
+        order = torch.cat([order, order[torch.arange((-n) % self.world_size) % max(n, 1)]])
         return order[self.rank::self.world_size].to(self.x.device)
 
     def __len__(self) -> int:
         per_rank = -(-len(self.y) // self.world_size)
-        return -(-per_rank // self.batch_size)
+        return self.passes * -(-per_rank // self.batch_size)
 
     def __iter__(self):
-        indices = self._indices()
-        self.epoch += 1
-        for start in range(0, len(indices), self.batch_size):
-            batch = indices[start:start + self.batch_size]
-            x = self.x[batch]
-            yield (random_crop(x, 4, self.seed + self.epoch * 7919 + start) if self.augment else x), self.y[batch]
+        for _ in range(self.passes):
+            indices = self._indices()
+            self.epoch += 1
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                x = self.x[batch]
+                yield (random_crop(x, 4, self.seed + self.epoch * 7919 + start) if self.augment else x), self.y[batch]
 
 
 def random_crop(x: torch.Tensor, padding: int, seed: int) -> torch.Tensor:
@@ -63,18 +71,20 @@ class ArrayDataModule(L.LightningDataModule):
 
     Only the description is pickled (a DDP worker reloads the tensors deterministically from it).
     Attributes after `setup()`: `splits` {name: (x, y)}, `corrupted` (mask over the training set),
-    `num_classes`, `input_shape`. `eval_splits` lists the splits evaluated every epoch.
+    `num_classes`, `input_shape`, `input_mean` and `input_std` (the standardization, in [0, 1] units;
+    0 and 1 with `standardize=False`, which keeps the source's inputs as they are).
+    `eval_splits` lists the splits evaluated every epoch; an epoch is `epoch_passes` passes over the training set.
     """
 
     def __init__(self, dataset: str = "mnist5k", data_dir: str = "data", download: bool = False,
                  batch_size: int = 128, seed: int = 0, val_fraction: float = 0.0,
                  corruption: Corruption = Corruption(), augment: bool = False, train_subset: int = 0,
-                 eval_splits: tuple[str, ...] | None = None):
+                 eval_splits: tuple[str, ...] | None = None, standardize: bool = True, epoch_passes: int = 1):
         super().__init__()
         self.dataset, self.data_dir, self.download = dataset, data_dir, download
         self.batch_size, self.seed, self.val_fraction = batch_size, seed, val_fraction
         self.corruption, self.augment, self.train_subset = corruption, augment, train_subset
-        self._eval_splits = eval_splits
+        self._eval_splits, self.standardize, self.epoch_passes = eval_splits, standardize, epoch_passes
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getstate__(self):
@@ -85,7 +95,8 @@ class ArrayDataModule(L.LightningDataModule):
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
-        return self._eval_splits if self._eval_splits is not None else tuple(s for s in ("val", "test") if s in self.splits)
+        # From the description, not the loaded tensors: a DDP worker asks before its setup().
+        return self._eval_splits if self._eval_splits is not None else ("val", "test") if self.val_fraction else ("test",)
 
     def prepare_arrays(self) -> Arrays:
         return load(self.dataset, self.data_dir, self.download, self.seed)
@@ -113,6 +124,9 @@ class ArrayDataModule(L.LightningDataModule):
         # One global mean and std from the training inputs: per-pixel statistics blow up the
         # near-constant border pixels of MNIST-like images.
         mean, std = splits["train"][0].mean(), splits["train"][0].std()
+        if not self.standardize:  # inputs whose values are the problem itself (the XOR's +-1) stay as they are
+            mean, std = torch.zeros(()), torch.ones(())
+        self.input_mean, self.input_std = mean.item(), std.item()  # to express [0, 1]-scale distances
         self.splits = {k: ((xs - mean) / std, ys) for k, (xs, ys) in splits.items()}
 
     def _rank(self) -> tuple[int, int]:
@@ -120,14 +134,14 @@ class ArrayDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> TensorBatches:
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None, passes: int = 1) -> TensorBatches:
         rank, world = self._rank()
         x, y = self.splits[split]
         per_rank = max(1, (batch_size or self.batch_size) // world)
-        return TensorBatches(x, y, per_rank, shuffle, self.seed, self.augment and shuffle, rank, world)
+        return TensorBatches(x, y, per_rank, shuffle, self.seed, self.augment and shuffle, rank, world, passes)
 
     def train_dataloader(self):
-        return self.loader("train", shuffle=True)
+        return self.loader("train", shuffle=True, passes=self.epoch_passes)
 
     def val_dataloader(self):
         return [self.loader(split, batch_size=1024) for split in self.eval_splits]

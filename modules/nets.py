@@ -15,7 +15,8 @@ where its output is added). Parameter counts (trainable) on the usual inputs, pi
     mlp_1x512 3x28x28        1,209,866    mlp_3x512 3x28x28      1,735,178
     conv2 3x32x32            4,301,642    conv4 3x32x32          2,425,930
     conv6 3x32x32            2,262,602    vgg11 3x32x32 (no BN)  9,225,610
-    resnet18 3x32x32        11,173,962
+    resnet18 3x32x32        11,173,962    deep_linear 1x28x28      311,810 (25 layers, width 100)
+    xor_net (2d,)                   4k (2k filters of 2 weights; output weights fixed)
 
 Conv-2/4/6 follow Frankle & Carbin (2019, Figure 2), whose table rounds Conv-6 to 1.7M; the
 exact count of the architecture described there is 2,262,602.
@@ -25,18 +26,43 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
 from torch import nn
 
-NORMS = ("none", "bn")
+NORMS = ("none", "bn", "noisy_bn")
 
 
-def norm_layer(norm: str, channels: int) -> nn.Module | None:
-    """The normalization after a conv (before its ReLU), or None; the one place to add variants."""
+class NoisyBatchNorm(nn.Module):
+    """BatchNorm followed by Santurkar et al.'s (2018) "noisy BatchNorm": distributional instability on purpose.
+
+    In training, every forward pass draws afresh, independently for each activation (a channel at a
+    position, shared by the examples of the batch), a shift m ~ U(-scale, scale) and a spread
+    s ~ U(1 - scale/2, 1 + scale/2), and returns s * BN(x) + m: each activation's distribution over the
+    batch gets a non-zero mean and a non-unit variance that change at every step. Both average out
+    (E[m] = 0, E[s] = 1), so eval mode is plain BN, as dropout's eval is the expected training net.
+    """
+
+    def __init__(self, batchnorm: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.batchnorm, self.scale = batchnorm, scale
+
+    def forward(self, x):
+        y = self.batchnorm(x)
+        if not self.training or self.scale == 0:
+            return y
+        shift = (2 * torch.rand(y.shape[1:], device=y.device, dtype=y.dtype) - 1) * self.scale
+        spread = 1 + (torch.rand(y.shape[1:], device=y.device, dtype=y.dtype) - 0.5) * self.scale
+        return spread * y + shift
+
+
+def norm_layer(norm: str, channels: int, dims: int = 2) -> nn.Module | None:
+    """The normalization after a conv (dims=2) or linear layer (dims=1), or None; the one place to add variants."""
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
     if norm == "none":
         return None
-    if norm == "bn":
-        return nn.BatchNorm2d(channels)
-    raise ValueError(f"unknown norm {norm!r}; choose from {', '.join(NORMS)}")
+    batchnorm = nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
+    return NoisyBatchNorm(batchnorm) if norm == "noisy_bn" else batchnorm
 
 
 def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int]:
@@ -117,6 +143,19 @@ def small_vgg(input_shape, num_classes, norm: str = "none") -> nn.Module:
     return _vgg(input_shape, num_classes, (32, 32, "M", 64, 64, "M"), (256,), norm, name="small_vgg")
 
 
+def deep_linear(input_shape, num_classes, depth: int = 25, width: int = 100, norm: str = "none") -> nn.Module:
+    """Santurkar et al.'s deep linear network: `depth` Linear layers (hidden `width`), no nonlinearity,
+    each hidden layer optionally followed by a normalization (`norm`)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    in_features = math.prod(input_shape)
+    for _ in range(depth - 1):
+        layers.append(nn.Linear(in_features, width))
+        if (norm_module := norm_layer(norm, width, dims=1)) is not None:
+            layers.append(norm_module)
+        in_features = width
+    return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a shortcut (1x1 conv-BN when the shape changes)."""
 
@@ -160,6 +199,30 @@ class ResNet18(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+class XorNet(nn.Module):
+    """Brutzkus & Globerson's (2019) XOR detector: 2k width-2 stride-2 filters (no bias), ReLU, max-pool
+    over the d positions, then fixed output weights, +1 for the first k filters and -1 for the rest.
+
+    One output f(x) for two classes (its sign is the label; train with the hinge loss). Only the 4k
+    filter weights are parameters; the output weights are a buffer. `init_std` draws the filters from
+    the paper's small Gaussian N(0, init_std^2) (None keeps PyTorch's default initialization).
+    """
+
+    def __init__(self, input_shape, num_classes: int = 2, k: int = 2, init_std: float | None = None):
+        super().__init__()
+        if num_classes != 2 or len(input_shape) != 1 or input_shape[0] % 2:
+            raise ValueError(f"xor_net classifies (2d,) inputs into 2 classes, got {tuple(input_shape)} and {num_classes}")
+        self.filters = nn.Linear(2, 2 * k, bias=False)  # rows: w_1..w_k (output +1), u_1..u_k (output -1)
+        if init_std is not None:
+            nn.init.normal_(self.filters.weight, std=init_std)
+        self.register_buffer("output_weights", torch.cat([torch.ones(k), -torch.ones(k)]))
+
+    def forward(self, x):
+        positions = x.reshape(len(x), -1, 2)  # the d stride-2 windows
+        pooled = torch.relu(self.filters(positions)).amax(dim=1)
+        return (pooled @ self.output_weights).unsqueeze(1)
+
+
 NETS: dict[str, Callable[..., nn.Module]] = {
     "fc": fc,
     "lenet": lenet,
@@ -172,6 +235,8 @@ NETS: dict[str, Callable[..., nn.Module]] = {
     "vgg11": vgg11,
     "small_vgg": small_vgg,
     "resnet18": ResNet18,
+    "xor_net": XorNet,
+    "deep_linear": deep_linear,
 }
 
 

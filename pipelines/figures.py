@@ -14,14 +14,20 @@ def line_plot(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, ti
               logx: bool = False, logy: bool = False, hlines: dict[str, float] | None = None,
               vlines: dict[str, float] | None = None, styles: dict[str, dict] | None = None,
               bands: dict[str, tuple[list, list, list]] | None = None, ax=None):
-    """Curves {label: (x, y)}, optional shaded bands {label: (x, low, high)} and labelled reference lines."""
+    """Curves {label: (x, y)}, optional shaded bands {label: (x, low, high)} and labelled reference lines.
+
+    A band with the label of a series (its spread, e.g. min-max over seeds) takes that series' colour.
+    """
     figure = None
     if ax is None:
         figure, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    colors = {}
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label, **{"marker": "o", "markersize": 3, **(styles or {}).get(label, {})})
+        (line,) = ax.plot(xs, ys, label=label, **{"marker": "o", "markersize": 3, **(styles or {}).get(label, {})})
+        colors[label] = line.get_color()
     for label, (xs, low, high) in (bands or {}).items():
-        ax.fill_between(xs, low, high, alpha=0.2, label=label)
+        # a band named like a series is that series' spread: its colour, no second legend entry
+        ax.fill_between(xs, low, high, alpha=0.2, **({"color": colors[label]} if label in colors else {"label": label}))
     for label, y in (hlines or {}).items():
         ax.axhline(y, linestyle="--", color="gray", linewidth=1)
         ax.annotate(label, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")

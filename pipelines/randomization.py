@@ -74,7 +74,7 @@ def train_one(params: Params, corruption: Corruption, run_id: str | None, tracki
     L.seed_everything(params.seed, verbose=False)
     net = build_net(params.model, datamodule.input_shape, datamodule.num_classes, **_net_options(params))
     module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, params.momentum,
-                              params.weight_decay, params.lr_decay, eval_splits=("test",))
+                              params.weight_decay, params.lr_decay, eval_splits=datamodule.eval_splits)
     stops = [stop_when("train_acc", 1.0), stop_when("train_loss", params.fit_loss, mode="min")]
     job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, params.seed,
                        stops, run_id, tracking_uri))
@@ -92,7 +92,8 @@ def run(params: Params, tracking) -> dict:
         label = " = ".join(names)
         run_id = tracking.child(label, {"corruption": kind, "corruption_p": p, "aliases": ",".join(names)})
         result = train_one(params, Corruption(kind, p), run_id, tracking.uri)
-        tracking.log_metrics(run_id, {k: result[k] for k in ("train_acc", "test_acc", "steps_to_fit")})
+        tracking.log_metrics(run_id, {k: result[k] for k in ("train_acc", "test_acc", "steps_to_fit")},
+                             step=result["curve"][0][-1])
         tracking.end_child(run_id)
         for name in names:
             results[name] = result

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from modules.nets import NETS, build_net, count_parameters
+from modules.nets import NETS, NoisyBatchNorm, build_net, count_parameters
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 
@@ -22,6 +22,7 @@ MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
     ("conv6", CIFAR, {}, 2_262_602),  # Frankle & Carbin's table rounds this to 1.7M
     ("vgg11", CIFAR, {}, 9_225_610),
     ("resnet18", CIFAR, {}, 11_173_962),
+    ("deep_linear", MNIST, {}, 311_810),  # 25 Linear layers: 784-100x24-10
 ])
 def test_parameter_counts(name, input_shape, options, expected):
     assert count_parameters(build_net(name, input_shape, 10, **options)) == expected
@@ -53,7 +54,10 @@ FORWARD_CASES = [
     ("small_vgg", MNIST, {"norm": "bn"}),
     ("small_vgg", CIFAR, {}),
     ("resnet18", (3, 16, 16), {}),
+    ("deep_linear", (40,), {}),
+    ("xor_net", (8,), {"k": 3, "init_std": 0.01}),
 ]
+SINGLE_OUTPUT = {"xor_net"}  # binary classifiers with one output (its sign is the class), built for 2 classes
 
 
 def test_forward_cases_cover_registry():
@@ -63,13 +67,13 @@ def test_forward_cases_cover_registry():
 @pytest.mark.parametrize("name, input_shape, options", FORWARD_CASES)
 def test_forward_shape_and_module_order(name, input_shape, options):
     torch.manual_seed(0)
-    net = build_net(name, input_shape, 7, **options)
+    net = build_net(name, input_shape, 2 if name in SINGLE_OUTPUT else 7, **options)
     layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm2d))]
     called = []
     for layer in layers:
         layer.register_forward_hook(lambda m, i, o: called.append(m))
     out = net(torch.randn(2, *input_shape))
-    assert out.shape == (2, 7)
+    assert out.shape == (2, 1 if name in SINGLE_OUTPUT else 7)
     # modules() visits the parameterized layers exactly in the order the forward pass uses them
     assert [id(m) for m in called] == [id(m) for m in layers]
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
@@ -110,3 +114,93 @@ def test_same_seed_same_weights(name):
     first, second, other = init(1), init(1), init(2)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("name, input_shape, norm", [
+    ("small_vgg", MNIST, "noisy_bn"), ("vgg11", CIFAR, "noisy_bn"), ("deep_linear", MNIST, "bn"),
+    ("deep_linear", (40,), "noisy_bn")])
+def test_norm_variants_follow_every_hidden_layer(name, input_shape, norm):
+    net = build_net(name, input_shape, 7, norm=norm)
+    assert net(torch.randn(4, *input_shape)).shape == (4, 7)
+    kind = NoisyBatchNorm if norm == "noisy_bn" else nn.BatchNorm1d
+    modules = list(net.modules())
+    # every conv (VGG) or every hidden linear layer (deep linear) is directly followed by the norm
+    hidden = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d if name != "deep_linear" else nn.Linear)]
+    hidden = hidden if name != "deep_linear" else hidden[:-1]
+    assert len(hidden) == {"small_vgg": 4, "vgg11": 8, "deep_linear": 24}[name]
+    assert all(isinstance(modules[i + 1], kind) for i in hidden)
+    assert sum(isinstance(m, kind) for m in modules) == len(hidden)
+
+
+def test_deep_linear_is_linear():
+    torch.manual_seed(0)
+    net = build_net("deep_linear", (6,), 3, depth=5, width=4)
+    assert sum(isinstance(m, nn.Linear) for m in net.modules()) == 5
+    x, z = torch.randn(2, 6), torch.randn(2, 6)
+    bias = net(torch.zeros(1, 6))
+    torch.testing.assert_close(net(x + z) - bias, (net(x) - bias) + (net(z) - bias))
+
+
+def _affine_noise(noisy: NoisyBatchNorm, x: torch.Tensor):
+    """(spread, shift) per activation, recovered from y = spread * BN(x) + shift by least squares over the batch."""
+    z = nn.functional.batch_norm(x, None, None, noisy.batchnorm.weight, noisy.batchnorm.bias, training=True)
+    y = noisy(x)
+    zc, yc = z - z.mean(0), y - y.mean(0)
+    spread = (zc * yc).sum(0) / (zc * zc).sum(0)
+    shift = y.mean(0) - spread * z.mean(0)
+    torch.testing.assert_close(y, spread * z + shift, atol=1e-4, rtol=1e-4)  # one affine map per activation
+    return spread, shift
+
+
+def test_noisy_batchnorm_draws_fresh_noise_per_step_and_activation():
+    torch.manual_seed(0)
+    scale = 0.8
+    noisy = NoisyBatchNorm(nn.BatchNorm2d(16), scale)
+    x = torch.randn(64, 16, 8, 8) * 3 + 1
+    spread, shift = _affine_noise(noisy, x)
+    spread2, shift2 = _affine_noise(noisy, x)
+    n = spread.numel()  # 1,024 activations, each with its own draw
+    assert spread.shape == shift.shape == (16, 8, 8)
+    assert shift.unique().numel() > 0.99 * n and spread.unique().numel() > 0.99 * n
+    assert not torch.allclose(shift, shift2) and not torch.allclose(spread, spread2)  # redrawn every step
+    # shift ~ U(-scale, scale): mean 0, variance scale^2 / 3; spread ~ U(1 - scale/2, 1 + scale/2)
+    assert shift.abs().max() <= scale + 1e-4 and (spread - 1).abs().max() <= scale / 2 + 1e-4
+    assert abs(shift.mean()) < 0.05 and abs(shift.var() - scale**2 / 3) < 0.03
+    assert abs(spread.mean() - 1) < 0.03 and abs(spread.var() - scale**2 / 12) < 0.01
+    assert abs(torch.corrcoef(torch.stack([shift.flatten(), spread.flatten()]))[0, 1]) < 0.1
+    # each activation's distribution over the batch: non-zero mean, non-unit variance
+    y = noisy(x)
+    assert (y.mean(0).abs() > 1e-3).float().mean() > 0.95 and ((y.var(0) - 1).abs() > 1e-3).float().mean() > 0.9
+
+
+def test_noisy_batchnorm_is_plain_batchnorm_in_eval_and_at_scale_zero():
+    torch.manual_seed(0)
+    noisy = NoisyBatchNorm(nn.BatchNorm1d(5), 1.0)
+    x = torch.randn(32, 5)
+    noisy(x)  # one training step updates the running statistics
+    noisy.eval()
+    torch.testing.assert_close(noisy(x), noisy.batchnorm(x))
+    state = torch.get_rng_state()
+    noisy(x)
+    assert torch.equal(state, torch.get_rng_state())  # no noise drawn in eval
+    quiet = NoisyBatchNorm(nn.BatchNorm1d(5), 0.0)
+    torch.testing.assert_close(quiet(x), nn.functional.batch_norm(x, None, None, quiet.batchnorm.weight,
+                                                                  quiet.batchnorm.bias, training=True))
+
+
+def test_xor_net_parameters_and_fixed_output_weights():
+    torch.manual_seed(0)
+    net = build_net("xor_net", (8,), 2, k=5, init_std=0.01)
+    assert count_parameters(net) == 4 * 5  # 2k filters of width 2; the output weights are not parameters
+    assert net.filters.weight.shape == (10, 2) and net.filters.bias is None
+    assert net.output_weights.tolist() == [1.0] * 5 + [-1.0] * 5
+    assert 0.003 < net.filters.weight.std().item() < 0.03  # the paper's small Gaussian initialization
+    # f(x) = sum_i max_j relu(w_i . x_j) - sum_i max_j relu(u_i . x_j), by hand on one input
+    x = torch.tensor([[1.0, 1.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0]])
+    pairs = x.reshape(4, 2)
+    pooled = torch.relu(pairs @ net.filters.weight.T).amax(dim=0)
+    torch.testing.assert_close(net(x), (pooled[:5].sum() - pooled[5:].sum()).reshape(1, 1))
+    with pytest.raises(ValueError, match="2 classes"):
+        build_net("xor_net", (8,), 10)
+    with pytest.raises(ValueError, match=r"\(2d,\)"):
+        build_net("xor_net", (7,), 2)

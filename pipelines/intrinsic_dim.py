@@ -1,0 +1,407 @@
+"""Intrinsic dimension of Li, Farkhoor, Liu & Yosinski (2018): train nets in random d-dimensional
+subspaces of their D parameters, theta = theta0 + P theta_d, and find d_int90, the smallest d that
+reaches 90% of the directly trained net's accuracy.
+
+    mlflow run . -e intrinsic_dim --env-manager local              (the project's main job: d_int90 of FC on mnist5k)
+    python -m pipelines intrinsic_dim --model lenet --corruption shuffled_pixels --seeds 3
+    python -m pipelines intrinsic_dim --mode sweep --ds 100,300,1000,3000      (Figure 6: accuracy vs d)
+    python -m pipelines intrinsic_dim --mode efficiency                        (Figure 9: direct vs subspace)
+    python -m pipelines intrinsic_dim --mode architectures                     (Figure 7: d_int90 vs D)
+
+`--mode bisect` trains the direct net once (the baseline), then an Optuna study whose sampler
+bisects log d (`pipelines/bisection.py`): each trial is a child run that stops as soon as the
+criterion (validation accuracy; training accuracy under random labels, as in the paper) reaches
+the threshold, or at --max_epochs. The study lives in --storage, so running the same command
+again resumes it and trains no finished trial again. d_int90 is read off a monotone fit of
+accuracy against log d over all trials; `--seeds N` repeats the bisection and reports the spread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass
+
+import lightning as L
+import optuna
+
+from callbacks.stopping import stop_when
+from datamodules.corruption import Corruption
+from datamodules.datamodule import ArrayDataModule
+from modules.classifier import ClassifierModule
+from modules.nets import build_net, count_parameters
+from modules.projections import PROJECTIONS
+from modules.subspace import SubspaceNet
+from pipelines.bisection import BisectionSampler, default_storage, estimate_d_int90, isotonic_curve, open_storage
+from pipelines.figures import line_plot
+from pipelines.params import CommonParams, UsageError, param, require, require_fraction
+from pipelines.tracking import resolve_tracking_uri
+from pipelines.training import Hardware, TrainJob, fit
+
+MODES = ("bisect", "sweep", "efficiency", "architectures")
+CORRUPTIONS = ("none", "shuffled_pixels", "random_labels")
+# Flags that change how the study is searched or where it is reported, not what a trial measures:
+# left out of the default study name, so changing them resumes the same study.
+NOT_IN_STUDY = ("mode", "seed", "seeds", "d_min", "d_max", "resolution", "storage", "study_name", "tracking_uri",
+                "experiment_name", "data_dir", "download", "ds", "direct_widths", "arch_widths", "arch_depths")
+
+
+@dataclass
+class Params(CommonParams):
+    """Li et al. 2018: intrinsic dimension d_int90 by random-subspace training."""
+
+    max_epochs: int = param(20, "epoch budget of each training (a bisection trial stops when it passes)")
+    lr: float = param(0.03, "learning rate of the subspace trainings (theta_d)")
+    optimizer: str = param("adam", "optimizer", choices=("sgd", "adam"))
+    mode: str = param("bisect", "bisect: d_int90 by bisection; sweep: accuracy over --ds; efficiency: direct vs "
+                      "subspace at equal trainable parameters; architectures: d_int90 across FC widths x depths",
+                      choices=MODES)
+    model: str = param("fc", "network whose intrinsic dimension is measured", choices=("fc", "lenet"))
+    widths: tuple[int, ...] = param((200, 200), "hidden widths of the fc model (FC 784-200-200-10: D = 199,210)")
+    projection: str = param("fastfood", "random projection P from d to D dimensions", choices=tuple(PROJECTIONS))
+    corruption: str = param("none", "corruption of the training set; under random_labels the criterion is training "
+                            "accuracy", choices=CORRUPTIONS)
+    val_fraction: float = param(0.2, "share of the training set held out as the validation (criterion) set")
+    threshold: float = param(0.9, "a trial passes when its accuracy reaches threshold x baseline (d_int90: 0.9)")
+    reference: float = param(0.0, "baseline accuracy to use instead of training the direct net (0: train it)")
+    baseline_lr: float = param(0.001, "learning rate of the directly trained nets (baseline, efficiency)")
+    d_min: int = param(100, "smallest d of the bisection")
+    d_max: int = param(5000, "largest d of the bisection")
+    resolution: float = param(0.1, "the bisection stops when hi / lo <= 1 + resolution")
+    seeds: int = param(3, "independent bisections (seeds --seed, --seed + 1, ...): init, projection")
+    storage: str = param("", "Optuna storage URL: sqlite:///..., postgresql://..., a *.journal file or journal:///path "
+                         "(default: optuna.db beside the MLflow SQLite database, else in the working directory)")
+    study_name: str = param("", "Optuna study (default: derived from the flags that change what a trial measures); "
+                            "the same name resumes the study")
+    ds: tuple[int, ...] = param((100, 200, 300, 500, 750, 1000, 1500, 2500, 5000), "subspace dimensions of --mode sweep")
+    direct_widths: tuple[int, ...] = param((1, 2, 4, 8, 16), "--mode efficiency: hidden widths of the small direct "
+                                           "FC nets; the subspace net trains at d = each one's parameter count")
+    arch_widths: tuple[int, ...] = param((50, 200), "--mode architectures: hidden-layer widths")
+    arch_depths: tuple[int, ...] = param((1, 2), "--mode architectures: numbers of hidden layers")
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("d_min", "d_max", "seeds"):
+            require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
+        require(self.d_min <= self.d_max, "d_min", f"{self.d_min} is larger than --d_max {self.d_max}")
+        require(self.resolution > 0, "resolution", f"must be positive, got {self.resolution}")
+        require_fraction(self.threshold, "threshold", low_open=True)
+        require_fraction(self.reference, "reference")
+        require(self.baseline_lr > 0, "baseline_lr", f"must be positive, got {self.baseline_lr}")
+        require(0 <= self.val_fraction < 1, "val_fraction", f"{self.val_fraction} is outside [0, 1)")
+        require(self.val_fraction > 0 or self.corruption == "random_labels", "val_fraction",
+                "the criterion is validation accuracy: it needs a validation split (> 0)")
+        for name in ("widths", "ds", "direct_widths", "arch_widths", "arch_depths"):
+            values = getattr(self, name)
+            require(all(v >= 1 for v in values), name, f"must be positive integers, got {values}")
+        require(bool(self.ds) or self.mode != "sweep", "ds", "--mode sweep needs at least one d")
+        self._validate_sizes()
+        if self.mode in ("bisect", "architectures"):
+            try:  # an unreachable database is bad input: found here, before any run exists
+                open_storage(self.storage_url())
+            except Exception as error:  # noqa: BLE001 (drivers raise anything)
+                raise UsageError("storage", f"cannot open {self.storage_url()!r}: "
+                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+    def _validate_sizes(self) -> None:
+        """Every d asked for must fit in the D of the net it projects into."""
+        D = D_of(self)
+        if self.mode == "bisect":
+            require(self.d_max <= D, "d_max", f"{self.d_max} is larger than the net's D = {D:,}")
+        elif self.mode == "sweep":
+            require(max(self.ds) <= D, "ds", f"{max(self.ds)} is larger than the net's D = {D:,}")
+        elif self.mode == "efficiency":
+            largest = D_of(dataclasses.replace(self, model="fc", widths=(max(self.direct_widths),)))
+            require(largest <= D, "direct_widths",
+                    f"the direct net of width {max(self.direct_widths)} has {largest:,} parameters, more than D = {D:,}")
+        else:
+            smallest = min(D_of(p) for p in architectures(self))
+            require(self.d_max <= smallest, "d_max", f"{self.d_max} is larger than the smallest net's D = {smallest:,}")
+
+    def storage_url(self) -> str:
+        return self.storage or default_storage(resolve_tracking_uri(self.tracking_uri))
+
+    def study(self) -> str:
+        """The study name: --study_name, else one derived from everything that changes a trial's result."""
+        if self.study_name:
+            return self.study_name
+        key = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_STUDY}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return f"intrinsic_dim-{self.model}-{self.dataset}-{self.corruption}-{digest}"
+
+    @property
+    def criterion(self) -> str:
+        """What the threshold applies to: training accuracy when the labels are random (the paper), else validation."""
+        return "train_acc" if self.corruption == "random_labels" else "val_acc"
+
+
+def build_net_for(params: Params, input_shape, num_classes):
+    options = {"widths": params.widths} if params.model == "fc" else {}
+    return build_net(params.model, input_shape, num_classes, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _data_shape(dataset: str, data_dir: str, download: bool, seed: int) -> tuple[tuple[int, ...], int]:
+    from datamodules.sources import load
+
+    arrays = load(dataset, data_dir, download, seed)
+    return arrays.input_shape, arrays.num_classes
+
+
+def D_of(params: Params) -> int:
+    """The number of parameters D of the net that `params` describe."""
+    shape = _data_shape(params.dataset, params.data_dir, params.download, params.seed)
+    return count_parameters(build_net_for(params, *shape))
+
+
+def architectures(params: Params) -> list[Params]:
+    """The FC nets of --mode architectures (Figure 7), every width at every depth."""
+    return [dataclasses.replace(params, model="fc", widths=(width,) * depth)
+            for depth in params.arch_depths for width in params.arch_widths]
+
+
+# ---------------------------------------------------------------------------------------------
+# One training
+
+
+def train(params: Params, d: int | None, seed: int, run_id: str | None, tracking_uri: str,
+          stop_at: float | None = None) -> dict:
+    """Trains the net directly (d None, at --baseline_lr) or in a random d-dimensional subspace.
+
+    The data (validation split, corruption, batch order) comes from --seed, the same for every
+    trial; `seed` draws the net's initialization theta0 and the projection. `acc` is the best
+    criterion accuracy over the epochs; with `stop_at` the training stops once it reaches that.
+    """
+    eval_splits = ("val", "test") if params.val_fraction > 0 else ("test",)
+    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
+                                 val_fraction=params.val_fraction, corruption=Corruption(params.corruption),
+                                 eval_splits=eval_splits)
+    datamodule.setup()
+    L.seed_everything(seed, verbose=False)
+    net = build_net_for(params, datamodule.input_shape, datamodule.num_classes)
+    if d is not None:
+        net = SubspaceNet(net, d, params.projection, seed)
+    lr = params.lr if d is not None else params.baseline_lr
+    module = ClassifierModule(net, "cross_entropy", params.optimizer, lr, eval_splits=eval_splits)
+    callbacks = [stop_when(params.criterion, stop_at)] if stop_at is not None else []
+    job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, seed, callbacks,
+                       run_id, tracking_uri))
+    history = job.module.history
+    best = max(history, key=lambda h: h[params.criterion])
+    return {"acc": best[params.criterion], "test_acc": history[-1]["test_acc"], "epochs": len(history),
+            "D": net.D if d is not None else count_parameters(net)}
+
+
+def train_child(params: Params, tracking, name: str, d: int | None, seed: int, stop_at: float | None = None,
+                extra: dict | None = None) -> dict:
+    """`train` inside its own child run, which ends with the metrics acc, test_acc, epochs."""
+    run_id = tracking.child(name, {"d": "direct" if d is None else d, "seed": seed, "widths": params.widths,
+                                   "model": params.model, **(extra or {})})
+    result = train(params, d, seed, run_id, tracking.uri, stop_at)
+    tracking.log_metrics(run_id, {k: result[k] for k in ("acc", "test_acc", "epochs")})
+    tracking.end_child(run_id)
+    return {**result, "run_id": run_id}
+
+
+def baseline(params: Params, tracking, label: str = "") -> tuple[float, int]:
+    """(baseline accuracy, D): --reference when given, else the directly trained net's accuracy."""
+    if params.reference:
+        return params.reference, D_of(params)
+    result = train_child(params, tracking, f"{label}direct", None, params.seed)
+    print(f"{label}direct net (D={result['D']:,}): {params.criterion}={result['acc']:.4f}", flush=True)
+    return result["acc"], result["D"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+
+
+def bisect(params: Params, tracking, label: str = "") -> tuple[dict, list[dict]]:
+    """d_int90 by bisection, one Optuna study, every seed; resumes a study that already holds trials.
+
+    Returns the summary and one row per trial (with its seed, test accuracy, epochs and run id)."""
+    study_name = params.study()
+    storage = open_storage(params.storage_url())
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
+    if "baseline_acc" not in study.user_attrs:  # trained once per study: every trial is judged against it
+        baseline_acc, D = baseline(params, tracking, label)
+        study.set_user_attr("baseline_acc", baseline_acc)
+        study.set_user_attr("D", D)
+    baseline_acc, D = study.user_attrs["baseline_acc"], study.user_attrs["D"]
+    threshold_acc = params.threshold * baseline_acc
+    print(f"{label}study {study_name!r} in {params.storage_url()}: threshold {params.criterion} "
+          f"{threshold_acc:.4f} = {params.threshold} x {baseline_acc:.4f}", flush=True)
+
+    seeds = list(range(params.seed, params.seed + params.seeds))
+    for seed in seeds:
+        sampler = BisectionSampler(params.d_min, params.d_max, params.resolution, seed)
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        while sampler.proposal(study) is not None:
+            trial = study.ask()
+            d = trial.suggest_int("d", params.d_min, params.d_max, log=True)
+            trial.set_user_attr("seed", seed)
+            try:
+                result = train_child(params, tracking, f"{label}d={d} seed={seed}", d, seed, stop_at=threshold_acc,
+                                     extra={"study_name": study_name, "optuna_trial": trial.number})
+            except BaseException:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            passed = result["acc"] >= threshold_acc
+            for key, value in {"passed": passed, "acc": result["acc"], "test_acc": result["test_acc"],
+                               "epochs": result["epochs"], "mlflow_run_id": result["run_id"]}.items():
+                trial.set_user_attr(key, value)
+            study.tell(trial, result["acc"])
+            lo, hi = sampler.bracket(study)
+            print(f"{label}[seed {seed} trial {trial.number}] d={d}: {params.criterion}={result['acc']:.4f} "
+                  f"{'passed' if passed else 'failed'} after {result['epochs']} epochs; bracket [{lo}, {hi}]", flush=True)
+
+    trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if t.user_attrs.get("seed") in seeds]
+    rows = [{"d": t.params["d"], "acc": t.user_attrs["acc"], "passed": t.user_attrs["passed"],
+             "seed": t.user_attrs["seed"], "trial": t.number, "test_acc": t.user_attrs["test_acc"],
+             "epochs": t.user_attrs["epochs"], "mlflow_run_id": t.user_attrs["mlflow_run_id"]} for t in trials]
+    return _summary(rows, seeds, baseline_acc, threshold_acc, D), rows
+
+
+def _summary(rows: list[dict], seeds: list[int], baseline_acc: float, threshold_acc: float, D: int) -> dict:
+    """The summary of a set of trials: d_int90 from a monotone fit over all of them, and per seed."""
+    points = lambda rs: [(r["d"], r["acc"]) for r in rs]
+    per_seed = [{"seed": s, "d_int90": estimate_d_int90(points([r for r in rows if r["seed"] == s]), threshold_acc)}
+                for s in seeds]
+    return {"d_int90": estimate_d_int90(points(rows), threshold_acc), "D": D, "baseline_acc": baseline_acc,
+            "threshold_acc": threshold_acc, "seeds": per_seed,
+            "trials": [{"d": r["d"], "acc": r["acc"], "passed": r["passed"]} for r in rows]}
+
+
+def sweep(params: Params, tracking) -> tuple[dict, list[dict]]:
+    """Accuracy over the grid --ds at the full budget, every seed (the notes' Figure 6)."""
+    baseline_acc, D = baseline(params, tracking)
+    threshold_acc = params.threshold * baseline_acc
+    seeds = list(range(params.seed, params.seed + params.seeds))
+    rows = []
+    for seed in seeds:
+        for d in sorted(params.ds):
+            result = train_child(params, tracking, f"d={d} seed={seed}", d, seed)
+            rows.append({"d": d, "acc": result["acc"], "passed": result["acc"] >= threshold_acc, "seed": seed,
+                         "test_acc": result["test_acc"], "epochs": result["epochs"], "mlflow_run_id": result["run_id"]})
+            print(f"[seed {seed}] d={d}: {params.criterion}={result['acc']:.4f} test_acc={result['test_acc']:.4f}",
+                  flush=True)
+    return _summary(rows, seeds, baseline_acc, threshold_acc, D), rows
+
+
+def efficiency(params: Params, tracking) -> dict:
+    """Small direct FC nets against subspace training with as many trainable parameters (Figure 9)."""
+    baseline_acc, D = baseline(params, tracking)
+    seeds = list(range(params.seed, params.seed + params.seeds))
+    points = []
+    for width in params.direct_widths:
+        small = dataclasses.replace(params, model="fc", widths=(width,))
+        for seed in seeds:
+            direct = train_child(small, tracking, f"direct fc {width} seed={seed}", None, seed)
+            subspace = train_child(params, tracking, f"d={direct['D']} seed={seed}", direct["D"], seed)
+            points.append({"params": direct["D"], "direct_width": width, "seed": seed,
+                           "direct_acc": direct["acc"], "subspace_acc": subspace["acc"]})
+            print(f"[seed {seed}] {direct['D']:,} trainable parameters: direct fc of width {width} "
+                  f"{params.criterion}={direct['acc']:.4f}, subspace d={direct['D']} {subspace['acc']:.4f}", flush=True)
+    return {"D": D, "baseline_acc": baseline_acc, "points": points}
+
+
+def architecture_sweep(params: Params, tracking) -> dict:
+    """d_int90 of FC nets of every width and depth against their D (Figure 7)."""
+    rows = []
+    for arch in architectures(params):
+        name = "fc " + "-".join(map(str, arch.widths))
+        result, trials = bisect(arch, tracking, label=f"{name}: ")
+        rows.append({"widths": list(arch.widths), **{k: result[k] for k in
+                                                     ("D", "d_int90", "baseline_acc", "threshold_acc", "seeds")}})
+        _log_bisect_figure(arch, result, trials, tracking, f"d_int90_{name.replace(' ', '_')}")
+    found = [r["d_int90"] for r in rows if r["d_int90"] is not None]
+    ratio = lambda xs: max(xs) / min(xs) if xs else None
+    return {"architectures": rows, "d_int90_ratio": ratio(found), "D_ratio": ratio([r["D"] for r in rows])}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(params: Params, tracking) -> dict:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours: one line per trial
+    if params.mode == "efficiency":
+        summary = efficiency(params, tracking)
+        tracking.log_metrics(None, {"D": summary["D"], "baseline_acc": summary["baseline_acc"]})
+        _log_efficiency_figure(params, summary, tracking)
+        return summary
+    if params.mode == "architectures":
+        summary = architecture_sweep(params, tracking)
+        tracking.log_metrics(None, {"d_int90_ratio": summary["d_int90_ratio"], "D_ratio": summary["D_ratio"]})
+        _log_architectures_figure(summary, tracking)
+        return summary
+    result, rows = bisect(params, tracking) if params.mode == "bisect" else sweep(params, tracking)
+    if rows:  # every trial with its seed, epochs, test accuracy and child run, as a table in the UI
+        tracking.client.log_table(tracking.parent_id, {k: [r[k] for r in rows] for k in rows[0]}, "trials.json")
+    found = [s["d_int90"] for s in result["seeds"] if s["d_int90"] is not None]
+    tracking.log_metrics(None, {k: result[k] for k in ("d_int90", "D", "baseline_acc", "threshold_acc")} |
+                         ({"d_int90_min": min(found), "d_int90_max": max(found)} if found else {}))
+    _log_bisect_figure(params, result, rows, tracking,
+                       "fig6_accuracy_vs_d" if params.mode == "sweep" else "d_int90_bisection")
+    _report(params, result)
+    return result
+
+
+def _report(params: Params, result: dict) -> None:
+    per_seed = ", ".join(f"{s['seed']}: {_fmt(s['d_int90'])}" for s in result["seeds"])
+    print(f"d_int90 = {_fmt(result['d_int90'])} (D = {result['D']:,}; per seed {per_seed}); "
+          f"baseline {result['baseline_acc']:.4f}, threshold {result['threshold_acc']:.4f}", flush=True)
+    if result["d_int90"] is None:
+        print(f"no d up to {params.d_max} reached the threshold: raise --d_max or --max_epochs", flush=True)
+
+
+def _fmt(d: float | None) -> str:
+    return "not reached" if d is None else f"{d:,.0f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def _log_bisect_figure(params: Params, result: dict, rows: list[dict], tracking, name: str) -> None:
+    series = {f"{kind} trials": ([r["d"] for r in rows if r["passed"] == passed],
+                                 [r["acc"] for r in rows if r["passed"] == passed])
+              for kind, passed in (("passed", True), ("failed", False))}
+    if rows:
+        series["monotone fit"] = isotonic_curve([(r["d"], r["acc"]) for r in rows])
+    styles = {"passed trials": {"linestyle": "none", "color": "tab:green"},
+              "failed trials": {"linestyle": "none", "color": "tab:red", "marker": "x"},
+              "monotone fit": {"marker": None, "color": "tab:blue"}}
+    vlines = {} if result["d_int90"] is None else {f"d_int90 = {result['d_int90']:,.0f}": result["d_int90"]}
+    accuracy = "training accuracy" if params.criterion == "train_acc" else "validation accuracy"
+    corruption = "" if params.corruption == "none" else f" ({params.corruption})"
+    title = f"{'Fig. 6: ' if name.startswith('fig6') else ''}{params.model} on {params.dataset}{corruption}, D = {result['D']:,}"
+    figure = line_plot(series, "subspace dimension d", accuracy, title, logx=True, styles=styles, vlines=vlines,
+                       hlines={f"baseline {result['baseline_acc']:.3f}": result["baseline_acc"],
+                               f"{params.threshold:g} x baseline": result["threshold_acc"]})
+    tracking.log_figure(figure, name)
+
+
+def _log_efficiency_figure(params: Params, summary: dict, tracking) -> None:
+    counts = sorted({p["params"] for p in summary["points"]})
+    mean = lambda key: [statistics.mean(p[key] for p in summary["points"] if p["params"] == c) for c in counts]
+    figure = line_plot({"direct training (fc, one hidden layer)": (counts, mean("direct_acc")),
+                        f"subspace training ({params.model}, {params.projection})": (counts, mean("subspace_acc"))},
+                       "trainable parameters", "validation accuracy" if params.criterion == "val_acc" else
+                       "training accuracy", "Fig. 9: parameter efficiency", logx=True,
+                       hlines={"baseline (full net)": summary["baseline_acc"]})
+    tracking.log_figure(figure, "fig9_parameter_efficiency")
+
+
+def _log_architectures_figure(summary: dict, tracking) -> None:
+    series = {}
+    for depth in sorted({len(r["widths"]) for r in summary["architectures"]}):
+        rows = [r for r in summary["architectures"] if len(r["widths"]) == depth and r["d_int90"] is not None]
+        series[f"{depth} hidden layer{'s' if depth > 1 else ''}"] = ([r["D"] for r in rows],
+                                                                     [r["d_int90"] for r in rows])
+    ratio = summary["d_int90_ratio"]
+    title = "Fig. 7: d_int90 across FC nets" + (f" (varies {ratio:.2f}x, D {summary['D_ratio']:.1f}x)" if ratio else "")
+    tracking.log_figure(line_plot(series, "number of parameters D", "d_int90", title, logx=True,
+                                  styles={k: {"linestyle": "none"} for k in series}), "fig7_d_int90_vs_D")

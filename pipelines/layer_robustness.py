@@ -1,0 +1,203 @@
+"""Layer robustness of Zhang, Bengio & Singer, "Are all layers created equal?".
+
+    mlflow run . -e layer_robustness --env-manager local
+    python -m pipelines layer_robustness                                  # FCN 3x256 on mnist5k
+    python -m pipelines layer_robustness --depths 1,2,3,4,6                # + the depth sweep (Figure 5)
+    python -m pipelines layer_robustness --model vgg11 --dataset cifar10 --download true
+    python -m pipelines layer_robustness --model resnet18 --dataset cifar10 --download true
+
+Trains the net once (a child run) while `callbacks.rewind_probe.RewindProbe` keeps every layer at
+the epochs in --checkpoints; then, for every layer alone, measures the test error after
+re-initializing it to each checkpoint and after re-randomizing it from its own initializer.
+A layer is *robust* when re-initializing it to epoch 0 (its values before any update) keeps the
+test error within --robust_margin of the trained net's. --depths trains an FCN of each depth
+(--depth_width units per hidden layer), a child run each, and plots the share of robust layers
+against depth. Figures: the notes' Figures 2-4 (heatmaps, layers x checkpoints, darker = higher
+error, re-randomization as the last column) and Figure 5.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import matplotlib.pyplot as plt
+
+from callbacks.rewind_probe import RewindProbe
+from datamodules.datamodule import ArrayDataModule
+from modules.classifier import ClassifierModule
+from modules.nets import NETS, NORMS, build_net
+from pipelines.figures import line_plot
+from pipelines.params import CommonParams, param, require
+from pipelines.training import Hardware, TrainJob, fit
+
+NORM_NETS = ("vgg11", "small_vgg")
+
+
+@dataclass
+class Params(CommonParams):
+    """Zhang, Bengio & Singer: re-initialization and re-randomization robustness of each layer."""
+
+    max_epochs: int = param(30, "epochs of training (the last one is always a checkpoint)")
+    model: str = param("fc", "network from the zoo (the paper's: fc, vgg11, resnet18)", choices=tuple(NETS))
+    widths: tuple[int, ...] = param((256, 256, 256), "hidden widths of the fc model (the paper's FCN 3x256)")
+    norm: str = param("none", "normalization after each conv of vgg11/small_vgg", choices=NORMS)
+    momentum: float = param(0.9, "SGD momentum")
+    checkpoints: tuple[int, ...] = param((0, 1, 2, 3, 5, 10), "epochs whose weights are kept (0 = before any update)")
+    probe_every: int = param(0, "also probe every this many epochs during training (0: only at the end)")
+    robust_margin: float = param(0.02, "a layer is robust if re-initializing it to epoch 0 adds at most this test error")
+    depths: tuple[int, ...] = param((), "FCN depths (hidden layers) to sweep for Figure 5 (empty: no sweep)")
+    depth_width: int = param(256, "hidden width of every layer of the depth sweep's FCNs")
+
+    def validate(self) -> None:
+        super().validate()
+        cps = self.checkpoints
+        require(0 in cps, "checkpoints", "must include 0 (before any update): robustness is re-initialization to epoch 0")
+        require(all(a < b for a, b in zip(cps, cps[1:])), "checkpoints",
+                f"must be strictly increasing, got {','.join(map(str, cps))}")
+        require(all(0 <= c <= self.max_epochs for c in cps), "checkpoints",
+                f"epochs must lie in [0, --max_epochs={self.max_epochs}], got {','.join(map(str, cps))}")
+        require(self.probe_every >= 0, "probe_every", f"must be 0 or a positive integer, got {self.probe_every}")
+        require(self.robust_margin >= 0, "robust_margin", f"must be non-negative, got {self.robust_margin}")
+        require(all(d >= 1 for d in self.depths), "depths", f"depths must be positive, got {self.depths}")
+        require(all(w >= 1 for w in self.widths) and self.depth_width >= 1, "widths", "widths must be positive")
+        require(self.norm == "none" or self.model in NORM_NETS, "norm",
+                f"only {', '.join(NORM_NETS)} take a norm; {self.model} has its own")
+
+
+def train_and_probe(params: Params, model: str, options: dict, run_id: str | None, tracking_uri: str) -> RewindProbe:
+    """Trains one net with the rewind probe attached; returns the probe as rank 0 left it."""
+    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
+                                 eval_splits=("test",))
+    datamodule.setup()
+    L.seed_everything(params.seed, verbose=False)
+    net = build_net(model, datamodule.input_shape, datamodule.num_classes, **options)
+    module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, params.momentum, eval_splits=("test",))
+    probe = RewindProbe(params.checkpoints, params.probe_every, split="test", seed=params.seed)
+    job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, params.seed,
+                       [probe], run_id, tracking_uri))
+    return job.callbacks[0]
+
+
+def robustness(result: dict, margin: float) -> dict:
+    """Robust layers (re-initialized to epoch 0, test error within `margin` of the trained net's), their
+    share of all layers, and the mean over layers of the test-error increase of that re-initialization."""
+    baseline = result["baseline_error"]
+    damage = {name: errors[0] - baseline for name, errors in result["reinit"].items()}
+    robust = [name for name, d in damage.items() if d <= margin]
+    return {"baseline_error": baseline, "robust_layers": robust, "robust_share": len(robust) / len(damage),
+            "mean_reinit_damage": sum(damage.values()) / len(damage)}
+
+
+def log_probe(tracking, run_id: str, probe: RewindProbe, margin: float, title: str) -> dict:
+    """Logs one training's probe (metrics per probe epoch, table, heatmap); returns its robustness."""
+    for result in probe.probes:
+        metrics = {"baseline_error": result["baseline_error"]}
+        for name, errors in result["reinit"].items():
+            metrics.update({f"reinit_error/{name}/epoch_{tau}": e for tau, e in errors.items()})
+            metrics[f"rerandomize_error/{name}"] = result["rerandomize"][name]
+        tracking.log_metrics(run_id, metrics, step=result["epoch"])
+    for tau in probe.distance[probe.layer_names[0]]:  # step = checkpoint epoch: a curve per layer
+        metrics = {}
+        for name in probe.layer_names:
+            metrics[f"distance_from_init/{name}"] = probe.distance[name][tau]
+            metrics[f"relative_distance_from_init/{name}"] = probe.relative_distance[name][tau]
+        tracking.log_metrics(run_id, metrics, step=tau)
+    scores = robustness(probe.result, margin)
+    tracking.log_metrics(run_id, {"robust_layers": len(scores["robust_layers"]), "robust_share": scores["robust_share"],
+                                  "mean_reinit_damage": scores["mean_reinit_damage"]})
+    tracking.client.log_table(run_id, _table(probe), "layer_robustness_table.json")
+    tracking.log_figure(heatmap(probe, title), "heatmap", run_id=run_id)
+    return scores
+
+
+def _table(probe: RewindProbe) -> dict[str, list]:
+    """One row per (probe epoch, layer, checkpoint): re-init to each checkpoint, then "rand" (re-randomization)."""
+    rows = []
+    for result in probe.probes:
+        for name, errors in result["reinit"].items():
+            rows += [{"probe_epoch": result["epoch"], "layer": name, "checkpoint": str(tau), "test_error": e,
+                      "distance_from_init": probe.distance[name][tau]} for tau, e in errors.items()]
+            rows.append({"probe_epoch": result["epoch"], "layer": name, "checkpoint": "rand",
+                         "test_error": result["rerandomize"][name], "distance_from_init": None})
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def heatmap(probe: RewindProbe, title: str):
+    """The notes' Figures 2-4: test error, layers x checkpoints (+ re-randomization), darker = higher;
+    beside it each layer's distance from its initialization at each checkpoint, relative to its norm."""
+    result = probe.result
+    names, taus = list(result["reinit"]), list(next(iter(result["reinit"].values())))
+    errors = [[result["reinit"][n][t] for t in taus] + [result["rerandomize"][n]] for n in names]
+    distances = [[probe.relative_distance[n][t] for t in taus] for n in names]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(4 + 0.9 * len(taus), 1.5 + 0.32 * len(names)), dpi=120,
+                                         gridspec_kw={"width_ratios": [len(taus) + 1, len(taus)]})
+    panels = ((left, errors, [str(t) for t in taus] + ["rand"], "Greys", 1.0, f"{title}: test error"),
+              (right, distances, [str(t) for t in taus], "Blues", None, "||w_t - w_0|| / ||w_0||"))
+    for ax, values, columns, cmap, vmax, label in panels:
+        image = ax.imshow(values, cmap=cmap, vmin=0, vmax=vmax, aspect="auto")
+        top = vmax or max(max(row) for row in values) or 1.0
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
+        ax.set(xticks=range(len(columns)), xticklabels=columns, yticks=range(len(names)), yticklabels=names,
+               xlabel="checkpoint epoch", title=label)
+        figure.colorbar(image, ax=ax, fraction=0.05)
+    left.axvline(len(taus) - 0.5, color="tab:red", linewidth=2)  # re-randomization is not a checkpoint
+    right.set_yticklabels([])
+    figure.tight_layout()
+    return figure
+
+
+def _depth_figure(sweep: dict[int, dict]):
+    """Figure 5: deeper FCNs are more robust (share of robust layers up, mean re-init damage down)."""
+    depths = sorted(sweep)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    line_plot({"robust layers": (depths, [sweep[d]["robust_share"] for d in depths])}, "hidden layers",
+              "share of robust layers", "Fig. 5: share of robust layers vs depth", ax=left)
+    line_plot({"re-init to epoch 0": (depths, [sweep[d]["mean_reinit_damage"] for d in depths])}, "hidden layers",
+              "mean test error increase (lower is better)", "mean over layers of re-init damage", ax=right)
+    for ax in (left, right):
+        ax.set_xticks(depths)
+    figure.tight_layout()
+    return figure
+
+
+def _config(model: str, options: dict) -> tuple:
+    """A hashable training configuration: equal configurations are trained once."""
+    return model, tuple(options.items())
+
+
+def _label(config: tuple) -> str:
+    model, options = config
+    return " ".join([model] + [f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in options])
+
+
+def run(params: Params, tracking) -> dict:
+    options = {"widths": params.widths} if params.model == "fc" else {}
+    if params.model in NORM_NETS:
+        options = {"norm": params.norm}
+    main = _config(params.model, options)
+    depth_configs = {d: _config("fc", {"widths": (params.depth_width,) * d}) for d in params.depths}
+    configs = list(dict.fromkeys([main, *depth_configs.values()]))  # the default FCN is also a point of the sweep
+    probes: dict[tuple, RewindProbe] = {}
+    for index, config in enumerate(configs, start=1):
+        run_id = tracking.child(_label(config), {"model": config[0], **dict(config[1])})
+        probes[config] = probe = train_and_probe(params, config[0], dict(config[1]), run_id, tracking.uri)
+        scores = log_probe(tracking, run_id, probe, params.robust_margin, _label(config))
+        tracking.end_child(run_id)
+        print(f"[{index}/{len(configs)}] {_label(config)}: baseline_error={scores['baseline_error']:.4f} "
+              f"robust={scores['robust_layers']} of {len(probe.layer_names)} layers", flush=True)
+
+    result = probes[main].result
+    headline = robustness(result, params.robust_margin)
+    summary = {"baseline_error": result["baseline_error"],
+               "reinit": {n: {str(t): e for t, e in errors.items()} for n, errors in result["reinit"].items()},
+               "rerandomize": result["rerandomize"],
+               "robust_layers": headline["robust_layers"]}
+    tracking.log_metrics(None, {k: headline[k] for k in ("baseline_error", "robust_share", "mean_reinit_damage")})
+    tracking.log_figure(heatmap(probes[main], params.model), f"heatmap_{params.model}")
+    if params.depths:
+        sweep = {d: robustness(probes[config].result, params.robust_margin) for d, config in depth_configs.items()}
+        summary["depth_sweep"] = {str(d): point for d, point in sweep.items()}
+        tracking.log_figure(_depth_figure(sweep), "fig5_robust_share_vs_depth")
+    return summary

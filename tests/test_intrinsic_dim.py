@@ -1,0 +1,120 @@
+"""The intrinsic_dim entry point end to end, through the real CLI, on `digits` with a tiny budget."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from pipelines.__main__ import main
+from pipelines.bisection import open_storage
+
+TINY = ("--dataset", "digits", "--max_epochs", "4", "--d_min", "30", "--d_max", "1000", "--resolution", "1")
+SUMMARY_KEYS = {"d_int90", "D", "baseline_acc", "threshold_acc", "seeds", "trials"}
+
+
+def trainings(run) -> list[str]:
+    return sorted(child.info.run_name for child in run.children)
+
+
+def test_bisect_logs_every_trial_and_resumes_without_training_again(run_pipeline, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    first = run_pipeline("intrinsic_dim", *TINY, "--seeds", "2", "--storage", storage)
+    assert first.exit_code == 0
+    summary = first.summary()
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["D"] == 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # FC 64-200-200-10
+    assert summary["threshold_acc"] == pytest.approx(0.9 * summary["baseline_acc"])
+    assert summary["baseline_acc"] > 0.8
+    assert [s["seed"] for s in summary["seeds"]] == [0, 1] and all(set(s) == {"seed", "d_int90"} for s in summary["seeds"])
+    # Three bisection steps per seed reach hi / lo <= 2 from 1000 / 30; each is a child, plus the direct net.
+    assert len(summary["trials"]) == 6 and len(first.children) == 7
+    assert "direct" in trainings(first)
+    for trial in summary["trials"]:
+        assert set(trial) == {"d", "acc", "passed"} and trial["passed"] == (trial["acc"] >= summary["threshold_acc"])
+    assert any(t["passed"] for t in summary["trials"]) and any(not t["passed"] for t in summary["trials"])
+    assert 30 < summary["d_int90"] < 1000
+    metrics = first.parent.data.metrics
+    assert metrics["d_int90"] == pytest.approx(summary["d_int90"]) and metrics["D"] == summary["D"]
+    assert {"baseline_acc", "threshold_acc"} <= set(metrics)
+    assert {"summary.json", "trials.json", "figures/d_int90_bisection.png"} <= set(first.artifact_paths())
+    # A passing trial stopped at the first epoch its validation accuracy reached the threshold.
+    for child in first.children:
+        if child.info.run_name != "direct" and child.data.metrics["acc"] >= summary["threshold_acc"]:
+            curve = [m.value for m in sorted(first.client.get_metric_history(child.info.run_id, "val_acc"),
+                                             key=lambda m: m.step)]
+            assert len(curve) == child.data.metrics["epochs"] and curve[-1] >= summary["threshold_acc"] > max(curve[:-1], default=0)
+
+    again = run_pipeline("intrinsic_dim", *TINY, "--seeds", "2", "--storage", storage)
+    assert again.exit_code == 0 and again.parent.info.run_id != first.parent.info.run_id
+    assert again.children == []  # neither the direct net nor any trial was trained again
+    assert again.summary() == summary
+    studies = optuna.get_all_study_summaries(open_storage(storage))
+    assert len(studies) == 1 and studies[0].n_trials == 6
+
+
+def test_other_modes_write_their_figures_and_summaries(run_pipeline):
+    sweep = run_pipeline("intrinsic_dim", *TINY, "--mode", "sweep", "--ds", "30,300", "--seeds", "1",
+                         "--max_epochs", "2")
+    assert sweep.exit_code == 0
+    summary = sweep.summary()
+    assert set(summary) == SUMMARY_KEYS and [t["d"] for t in summary["trials"]] == [30, 300]
+    assert summary["trials"][1]["acc"] > summary["trials"][0]["acc"]  # more dimensions, more accuracy
+    assert "figures/fig6_accuracy_vs_d.png" in sweep.artifact_paths()
+
+    efficiency = run_pipeline("intrinsic_dim", *TINY, "--mode", "efficiency", "--direct_widths", "1", "--seeds", "1",
+                              "--max_epochs", "2", "--reference", "0.95")
+    assert efficiency.exit_code == 0
+    points = efficiency.summary()["points"]
+    assert [p["params"] for p in points] == [85]  # FC 64-1-10: (64 + 1) + (1 + 1) x 10
+    assert set(points[0]) >= {"params", "direct_acc", "subspace_acc"}
+    assert "figures/fig9_parameter_efficiency.png" in efficiency.artifact_paths()
+
+    archs = run_pipeline("intrinsic_dim", *TINY, "--mode", "architectures", "--arch_widths", "20,40",
+                         "--arch_depths", "1", "--seeds", "1", "--max_epochs", "2", "--d_min", "50", "--d_max", "200")
+    assert archs.exit_code == 0
+    rows = archs.summary()["architectures"]
+    assert [r["widths"] for r in rows] == [[20], [40]] and rows[0]["D"] < rows[1]["D"]
+    assert {"figures/fig7_d_int90_vs_D.png", "figures/d_int90_fc_20.png"} <= set(archs.artifact_paths())
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (("--d_min", "500", "--d_max", "100"), "--d_min"),
+    (("--d_max", "100000"), "--d_max"),  # digits FC: D = 55,210
+    (("--projection", "gaussian"), "--projection"),
+    (("--threshold", "0"), "--threshold"),
+    (("--threshold", "1.5"), "--threshold"),
+    (("--storage", "sqlite:////no/such/folder/optuna.db"), "--storage"),
+    (("--storage", "postgresql://nobody@127.0.0.1:1/none"), "--storage"),
+    (("--storage", "journal:///no/such/folder/x.journal"), "--storage"),
+])
+def test_bad_input_is_one_line_naming_the_flag(tmp_path, capsys, flags, flag):
+    code = main(["intrinsic_dim", "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--dataset", "digits", *flags])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and flag in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()  # no run, not even a tracking database, was created
+
+
+@pytest.mark.slow
+def test_ddp_gives_one_study_and_the_single_process_answer(run_pipeline, tmp_path):
+    # One trial at d = 200 decides the bracket [100, 400] at resolution 1; --reference skips the direct net.
+    flags = ("--dataset", "digits", "--max_epochs", "6", "--d_min", "100", "--d_max", "400", "--resolution", "1",
+             "--seeds", "1", "--reference", "1.0", "--threshold", "0.5")
+    single = run_pipeline("intrinsic_dim", *flags, "--storage", f"sqlite:///{tmp_path / 'single.db'}")
+    ddp = run_pipeline("intrinsic_dim", *flags, "--storage", f"sqlite:///{tmp_path / 'ddp.db'}",
+                       "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")
+    assert single.exit_code == 0 and ddp.exit_code == 0
+    studies = optuna.get_all_study_summaries(open_storage(f"sqlite:///{tmp_path / 'ddp.db'}"))
+    assert len(studies) == 1 and studies[0].n_trials == 1 and len(ddp.children) == 1
+    a, b = single.summary(), ddp.summary()
+    assert a["d_int90"] == b["d_int90"] == 200
+    assert b["trials"][0]["acc"] == pytest.approx(a["trials"][0]["acc"], abs=0.01)  # same global batch, same steps
+
+
+@pytest.mark.slow
+def test_lenet_needs_fewer_dimensions_than_fc_on_mnist5k(run_pipeline):
+    # Paper: FC 750, LeNet 290. Measured with the defaults (3 seeds): FC 486-615, LeNet about 200.
+    found = {}
+    for model in ("fc", "lenet"):
+        run = run_pipeline("intrinsic_dim", "--model", model, "--seeds", "1", "--resolution", "0.25")
+        assert run.exit_code == 0
+        found[model] = run.summary()["d_int90"]
+    assert 300 < found["fc"] < 1500 and 80 < found["lenet"] < found["fc"]
