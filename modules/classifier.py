@@ -2,7 +2,9 @@
 
 Losses: cross-entropy, squared loss against one-hot targets, hinge (multi-class margin; for a
 single output, labels 0/1 become -1/+1). Optimizers: SGD with momentum, Adam; weight decay and an
-optional per-epoch exponential learning-rate decay (Zhang et al.'s 0.95).
+optional per-epoch exponential learning-rate decay (Zhang et al.'s 0.95). `fused=True` selects torch's
+one-kernel update (on the CPU, Adam's foreach update takes the slow path of sqrt on the exact zeros
+that pruned weights leave in its state: 1.4x a dense step for LeNet-300-100 at 20% of the weights).
 
 Per epoch it logs `train_loss`, `train_acc` (running over the epoch) and, for each evaluation
 split the datamodule names, `<split>_loss` and `<split>_acc`. Sums are kept on the device and
@@ -44,13 +46,14 @@ def predictions(outputs: torch.Tensor) -> torch.Tensor:
 class ClassifierModule(L.LightningModule):
     def __init__(self, net: nn.Module, loss: str = "cross_entropy", optimizer: str = "sgd", lr: float = 0.01,
                  momentum: float = 0.9, weight_decay: float = 0.0, lr_decay: float = 1.0,
-                 eval_splits: tuple[str, ...] = ("val", "test")):
+                 eval_splits: tuple[str, ...] = ("val", "test"), fused: bool = False):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
         self.net = net
         self.loss_name, self.optimizer_name, self.lr, self.momentum = loss, optimizer, lr, momentum
         self.weight_decay, self.lr_decay, self.eval_splits = weight_decay, lr_decay, tuple(eval_splits)
+        self.fused = fused  # one-kernel optimizer update (torch's `fused=True`); off keeps torch's default
         self.history: list[dict[str, float]] = []
         self._sums: dict[str, torch.Tensor] = {}
 
@@ -59,10 +62,12 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
+        fused = True if self.fused else None
         if self.optimizer_name == "adam":
-            optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+            optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused)
         else:
-            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                        fused=fused)
         if self.lr_decay == 1.0:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, self.lr_decay)}

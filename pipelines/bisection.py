@@ -88,7 +88,7 @@ def estimate_d_int90(points: list[tuple[int, float]], threshold: float) -> float
         return None
     k = above[0]
     if k == 0:
-        return float(math.exp(xs[0]))
+        return float(min(d for d, _ in points))  # exactly, not through exp(log(d))
     x = xs[k - 1] + (threshold - ys[k - 1]) / (ys[k] - ys[k - 1]) * (xs[k] - xs[k - 1])
     return float(math.exp(x))
 

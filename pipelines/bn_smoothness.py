@@ -1,19 +1,22 @@
 """BatchNorm smooths the loss landscape (Santurkar, Tsipras, Ilyas & Madry 2018, "How does batch normalization help optimization?").
 
     mlflow run . -e bn_smoothness --env-manager local
-    python -m pipelines bn_smoothness --variants none,bn,noisy_bn --lrs 0.02,0.1
-    python -m pipelines bn_smoothness --dataset cifar10 --model vgg11 --max_epochs 30     # the paper's setting
+    python -m pipelines bn_smoothness --variants none,bn,noisy_bn --lrs 0.02,0.05
+    python -m pipelines bn_smoothness --dataset cifar10 --model vgg11 --lrs 0.05,0.1 --max_epochs 30   # the paper's setting
 
 Each variant (no normalization, BatchNorm, noisy BatchNorm) at each learning rate is a child run.
 While it trains, `callbacks.smoothness.SmoothnessProbe` probes the landscape every --probe_every
 steps along the gradient, at theta - eta * g for eta = c * lr, c in --etas: the range of the loss,
 the change of the gradient and the effective beta-smoothness; and the internal covariate shift of
---ics_layers (the paper's Definition 2.1). Figures: the paper's Figures 10-12 of the notes (its
+--ics_layers (the paper's Definition 2.1). Figures: the notes' Figures 10-12 (the paper's
 Figures 1, 2 and 4) and the ICS per variant.
 
+The default is small_vgg on `digits` for 15 epochs (180 steps): at default init the no-BN net sits
+on a plateau for its first ~50-100 steps, so a comparison needs the steps after it; on `mnist5k`
+that many steps cost several times the few-minute budget (see the README for measured numbers).
 A no-BN net that dies (chance accuracy, NaN) has a flat landscape and reverses every comparison,
-and the probe at step 0 (tiny no-BN gradient at the default init) dominates max beta: so every run
-reports `died` and `beta_median` (over the probes after step 0) beside `beta_max`.
+and the probe at step 0 can dominate max beta: so every run reports `died` and `beta_median` (over
+the probes after step 0) beside `beta_max`.
 """
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ MODELS = ("small_vgg", "vgg11", "deep_linear")  # the zoo's nets that take a `no
 class Params(CommonParams):
     """Santurkar et al. 2018: BatchNorm vs none vs noisy BatchNorm; landscape smoothness probes; ICS."""
 
-    max_epochs: int = param(4, "epoch budget of each training")
-    lr: float = param(0.1, "not used here: the learning rates are --lrs")
+    dataset: str = param("digits", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, cifar10)")
+    max_epochs: int = param(15, "epoch budget of each training")
+    lr: float = param(0.02, "not used here: the learning rates are --lrs")
     model: str = param("small_vgg", "network (each built with norm = the variant)", choices=MODELS)
     variants: tuple[str, ...] = param(NORMS, "normalizations after each conv/linear layer", choices=NORMS)
-    lrs: tuple[float, ...] = param((0.02, 0.1), "learning rates (each variant trains at each)")
+    lrs: tuple[float, ...] = param((0.02, 0.05), "learning rates (each variant trains at each)")
     momentum: float = param(0.9, "SGD momentum")
     noise_scale: float = param(1.0, "noisy BN: shift ~ U(-s, s), spread ~ U(1 - s/2, 1 + s/2), per activation and step")
     probe_every: int = param(8, "probe the landscape every this many steps")

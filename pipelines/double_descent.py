@@ -45,7 +45,8 @@ class Params(CommonParams):
     """Belkin et al. 2018: double descent of random Fourier features, one-hidden-layer nets and random forests."""
 
     methods: tuple[str, ...] = param(METHODS, "the models to sweep, in this order", choices=METHODS)
-    n: int = param(1000, "training points, a seeded subset of the training set (the paper: 10000 for rff/forest, 4000 for nn)")
+    n: int = param(1000, "training points, a seeded subset of the training set "
+                         "(the paper: 10000 for rff and forest, 4000 for nn)")
     sigma: float = param(0.0, "Gaussian kernel bandwidth of rff; 0 = the median pairwise distance of the training inputs")
     rff_features: tuple[float, ...] = param((0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
                                             "numbers of random features N, in units of n (1 = the threshold N = n)")
@@ -57,7 +58,7 @@ class Params(CommonParams):
                                              "max leaves of the single tree, as fractions of a fully grown tree's "
                                              "leaves (the fully grown tree itself is always included)")
     forest_trees: tuple[int, ...] = param((2, 5, 10, 20), "then numbers of fully grown trees")
-    max_epochs: int = param(200, "epoch budget of each net (each stops once it classifies the training set without error)")
+    max_epochs: int = param(200, "epoch budget of each net (each stops once it fits the training set without error)")
     lr: float = param(0.01, "SGD step size of the nets")
     momentum: float = param(0.0, "SGD momentum of the nets (the paper: plain SGD)")
 
@@ -68,7 +69,8 @@ class Params(CommonParams):
         require(bool(self.methods), "methods", f"nothing to run; choose from {', '.join(METHODS)}")
         require(len(set(self.methods)) == len(self.methods), "methods", f"{','.join(self.methods)} repeats a method")
         available = len(load(self.dataset, self.data_dir, self.download, self.seed).y_train)
-        require(2 <= self.n <= available, "n", f"{self.n} is outside [2, {available}], the size of {self.dataset}'s training set")
+        require(2 <= self.n <= available, "n",
+                f"{self.n} is outside [2, {available}], the size of {self.dataset}'s training set")
         require(self.sigma >= 0, "sigma", f"must be positive (or 0 for the median pairwise distance), got {self.sigma}")
         require(self.momentum >= 0, "momentum", f"must be non-negative, got {self.momentum}")
         sweeps = {"rff": ("rff_features",), "nn": ("nn_parameters",), "forest": ("forest_leaves", "forest_trees")}
@@ -135,10 +137,9 @@ def sweep_rff(params: Params, data: ArrayDataModule, curve: Curve) -> None:
     curve.threshold, curve.total = n, len(sizes)
     alpha = kernel_interpolant(x, targets, sigma)
     kernel_test = risks(gaussian_kernel(x_test, x, sigma) @ alpha, y_test)
-    curve.references["kernel (N = inf)"] = {"test_risk": kernel_test[0], "test_zero_one": kernel_test[1],
-                                            "norm": math.sqrt((targets * alpha).sum().item())}
-    curve.tracking.log_metrics(curve.run_id, {"sigma": sigma, **{f"kernel_{k}": v for k, v in
-                                                                 curve.references["kernel (N = inf)"].items()}})
+    kernel = curve.references["kernel (N = inf)"] = {"test_risk": kernel_test[0], "test_zero_one": kernel_test[1],
+                                                     "norm": math.sqrt((targets * alpha).sum().item())}
+    curve.tracking.log_metrics(curve.run_id, {"sigma": sigma, **{f"kernel_{k}": v for k, v in kernel.items()}})
     features = RandomFourierFeatures(x.shape[1], max(sizes), sigma, params.seed)
     train_cosines, test_cosines = features.cosines(x), features.cosines(x_test)
     for size in sizes:
@@ -220,9 +221,9 @@ def sweep_forest(params: Params, data: ArrayDataModule, curve: Curve) -> None:
 
 
 SWEEPS = {"rff": sweep_rff, "nn": sweep_nn, "forest": sweep_forest}
-FIGURES = {"rff": ("fig2_rff", "number of random Fourier features N"),
-           "nn": ("fig3_nn", "number of parameters (d+1)H + (H+1)K"),
-           "forest": ("fig4_forest", "leaves of the forest (N_leaf_max x N_tree)")}
+FIGURES = {"rff": ("fig2_rff", "number of random Fourier features N", "l2 norm of the coefficients"),
+           "nn": ("fig3_nn", "number of parameters (d+1)H + (H+1)K", "l2 norm of the parameters"),
+           "forest": ("fig4_forest", "leaves of the forest (N_leaf_max x N_tree)", None)}
 
 
 def run(params: Params, tracking) -> dict:
@@ -237,19 +238,19 @@ def run(params: Params, tracking) -> dict:
         tracking.log_metrics(run_id, {"threshold": curve.threshold})
         tracking.end_child(run_id)
         tracking.log_metrics(None, curve.headline())
-        name, xlabel = FIGURES[method]
-        tracking.log_figure(_figure(curve, xlabel, f"Belkin et al. 2018, {method}, n = {params.n}"), name)
+        name, xlabel, norm_label = FIGURES[method]
+        tracking.log_figure(_figure(curve, xlabel, norm_label, f"Belkin et al. 2018, {method}, n = {params.n}"), name)
         summary[method] = curve.summary()
     return summary
 
 
-def _figure(curve: Curve, xlabel: str, title: str):
+def _figure(curve: Curve, xlabel: str, norm_label: str | None, title: str):
     """Belkin's panels: test zero-one loss, test squared loss (log), norm (log), training losses; threshold dotted."""
     import matplotlib.pyplot as plt  # after pipelines.figures chose the headless backend
 
     panels = [("test_zero_one", "test zero-one loss", False), ("test_risk", "test squared loss", True)]
-    if curve.rows[0]["norm"] is not None:
-        panels.append(("norm", "l2 norm of the coefficients", True))
+    if norm_label:
+        panels.append(("norm", norm_label, True))
     figure, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.6), dpi=110)
     sizes, threshold = curve.column("size"), {"interpolation threshold": curve.threshold}
     for ax, (key, label, logy) in zip(axes, panels):

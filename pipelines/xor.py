@@ -161,7 +161,7 @@ def _figures(params: Params, ks: list[int], seeds: list[int], results: dict, tra
     figure, axes = plt.subplots(len(shown), 2, figsize=(8, 4 * len(shown)), dpi=120, squeeze=False)
     for row, k in enumerate(shown):
         result = results[(k, seeds[0], "random")]
-        for col, (key, when) in enumerate((("initial_filters", "initialization"), ("final_filters", "convergence"))):
+        for col, (key, when) in enumerate((("initial_filters", "initialization"), ("final_filters", "end of training"))):
             _draw_filters(axes[row][col], result[key], k, f"k={k}, seed {seeds[0]}: {when}")
     figure.suptitle("Fig. 14: filters w (output +1, blue) and u (output -1, red)")
     figure.tight_layout()
@@ -201,5 +201,6 @@ def _draw_filters(ax, filters: torch.Tensor, k: int, title: str) -> None:
         ax.arrow(0, 0, a, b, color="tab:blue" if index < k else "tab:red", alpha=0.6,
                  width=reach * 0.004, head_width=reach * 0.03, length_includes_head=True)
     ax.set(xlim=(-reach, reach), ylim=(-reach, reach), aspect="equal", title=title)
+    ax.tick_params(labelsize=7)
     ax.axhline(0, color="gray", linewidth=0.5)
     ax.axvline(0, color="gray", linewidth=0.5)

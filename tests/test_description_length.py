@@ -45,6 +45,10 @@ def test_sent_prefix_trains_on_earlier_labels_only_and_codes_the_next_chunk():
     assert torch.equal(x_next, x_all[40:80]) and torch.equal(y_next, y_all[40:80])
     rows = lambda x, y: sorted(zip(map(tuple, x.tolist()), y.tolist()))
     assert rows(torch.cat([x_fit, x_val]), torch.cat([y_fit, y_val])) == rows(x_all[:40], y_all[:40])
+    true = SentPrefix(params, "true", 40, 80)
+    true.setup()
+    assert torch.equal(true.splits["next"][0], x_next)  # the same inputs in the same order
+    assert (true.splits["next"][1] != y_next).float().mean() > 0.7  # random labels: about 90% differ
 
 
 def test_true_labels_compress_random_labels_do_not(run_pipeline):
@@ -56,6 +60,9 @@ def test_true_labels_compress_random_labels_do_not(run_pipeline):
         assert set(labels) == {"prequential_bits", "uniform_bits", "ratio"}
         assert labels["uniform_bits"] == pytest.approx(300 * math.log2(10))
         assert labels["ratio"] == pytest.approx(labels["prequential_bits"] / labels["uniform_bits"])
+    for labels, row in summary.items():  # the first 60 labels cost 60 log2 K, each later chunk its cross-entropy
+        chunks = [c.data.metrics["chunk_bits"] for c in result.children if c.data.params["labels_kind"] == labels]
+        assert row["prequential_bits"] == pytest.approx(60 * math.log2(10) + sum(chunks))
     assert summary["true"]["ratio"] < 0.5
     assert 0.95 < summary["random"]["ratio"] < 1.3
     assert len(result.children) == 2 * 2  # every chunk after the first is coded by a trained model

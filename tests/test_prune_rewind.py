@@ -21,12 +21,13 @@ def counts(mask_dict) -> dict[str, int]:
     return {name: int(m.sum().item()) for name, m in mask_dict.items()}
 
 
-def test_pruned_weights_gradients_and_adam_state_stay_zero():
+@pytest.mark.parametrize("fused", [None, True])  # torch's default Adam, and the fused one the pipeline uses
+def test_pruned_weights_gradients_and_adam_state_stay_zero(fused):
     net = small_net()
     theta_0 = theta(net)
     apply(net, magnitude_masks(net, 0.5), theta_0)
     pruned = {name: m == 0 for name, m in masks(net).items()}
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=0.1)  # decay would revive a nonzero entry
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=0.1, fused=fused)  # decay revives nonzeros
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
     for _ in range(20):
         optimizer.zero_grad()
