@@ -43,8 +43,9 @@ from pipelines.training import Hardware, TrainJob, fit
 MODES = ("bisect", "sweep", "efficiency", "architectures")
 CORRUPTIONS = ("none", "shuffled_pixels", "random_labels")
 # Flags that change how the study is searched or where it is reported, not what a trial measures:
-# left out of the default study name, so changing them resumes the same study.
-NOT_IN_STUDY = ("mode", "seed", "seeds", "d_min", "d_max", "resolution", "storage", "study_name", "tracking_uri",
+# left out of the default study name, so changing them resumes the same study. (--seed stays in:
+# it draws the validation split and the corruption that the baseline and every trial share.)
+NOT_IN_STUDY = ("mode", "seeds", "d_min", "d_max", "resolution", "storage", "study_name", "tracking_uri",
                 "experiment_name", "data_dir", "download", "ds", "direct_widths", "arch_widths", "arch_depths")
 
 
