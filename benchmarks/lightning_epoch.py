@@ -1,11 +1,13 @@
 """Cost of a Lightning epoch against a plain PyTorch loop over the same in-memory batches.
 
-    python benchmarks/lightning_epoch.py [--epochs 6] [--dataloader]
+    python benchmarks/lightning_epoch.py [--epochs 12] [--dataloader]
 
 FC 784-200-200-10 on mnist5k at batch 128, SGD with momentum, CPU. Both sides see the same
 ready-made batches (datamodules.TensorBatches); the Lightning side goes through our Trainer
 (pipelines.training.make_trainer) and ClassifierModule with its per-epoch metrics. Epochs are
-timed by a callback and the first (warm-up) epoch of each side is dropped. Prints
+timed by a callback that runs one plain epoch before every Lightning epoch (so that a busy or
+drifting machine slows both sides alike); the first (warm-up) epoch of each side is dropped and
+the medians compared. Prints
 `lightning_epoch_ratio=<Lightning epoch / plain epoch>`; with `--dataloader` also the ratio of a
 plain loop fed by a TensorDataset + DataLoader, the usual way.
 """
@@ -25,42 +27,36 @@ from modules.nets import build_net
 from pipelines.training import Hardware, TrainJob, make_trainer
 
 
-class EpochTimer(L.Callback):
-    def __init__(self):
-        self.times: list[float] = []
+def plain_epoch(net, optimizer, batches) -> float:
+    start = time.perf_counter()
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+class Interleaved(L.Callback):
+    """Before each Lightning epoch, one plain epoch of a twin net: machine drift hits both sides alike."""
+
+    def __init__(self, plain_net, batches):
+        self.plain_net, self.batches = plain_net, batches
+        self.optimizer = torch.optim.SGD(plain_net.parameters(), lr=0.01, momentum=0.9)
+        self.plain: list[float] = []
+        self.lightning: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
+        self.plain.append(plain_epoch(self.plain_net, self.optimizer, self.batches))
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def plain_epochs(net, batches, epochs: int) -> list[float]:
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for x, y in batches:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def lightning_epochs(net, datamodule, epochs: int) -> list[float]:
-    timer = EpochTimer()
-    module = ClassifierModule(net, lr=0.01, eval_splits=())
-    trainer = make_trainer(TrainJob(module, datamodule, Hardware(), epochs, callbacks=[timer]))
-    trainer.fit(module, datamodule=datamodule)
-    return timer.times
+        self.lightning.append(time.perf_counter() - self._start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--dataloader", action="store_true", help="also time a TensorDataset + DataLoader loop")
     args = parser.parse_args()
 
@@ -68,9 +64,11 @@ def main() -> None:
     datamodule.setup()
     net = lambda: build_net("fc", datamodule.input_shape, datamodule.num_classes, widths=(200, 200))
     torch.manual_seed(0)
-    plain = statistics.median(plain_epochs(net(), datamodule.loader("train", shuffle=True), args.epochs)[1:])
+    timer = Interleaved(net(), datamodule.loader("train", shuffle=True))
     torch.manual_seed(0)
-    lightning = statistics.median(lightning_epochs(net(), datamodule, args.epochs)[1:])
+    module = ClassifierModule(net(), lr=0.01, eval_splits=())
+    make_trainer(TrainJob(module, datamodule, Hardware(), args.epochs, callbacks=[timer])).fit(module, datamodule=datamodule)
+    plain, lightning = statistics.median(timer.plain[1:]), statistics.median(timer.lightning[1:])
     print(f"plain_epoch_ms={plain * 1e3:.1f} lightning_epoch_ms={lightning * 1e3:.1f} "
           f"threads={torch.get_num_threads()}")
     print(f"lightning_epoch_ratio={lightning / plain:.2f}")
@@ -78,7 +76,9 @@ def main() -> None:
         dataset = torch.utils.data.TensorDataset(*datamodule.splits["train"])
         loader = torch.utils.data.DataLoader(dataset, batch_size=128, shuffle=True)
         torch.manual_seed(0)
-        dataloader = statistics.median(plain_epochs(net(), loader, args.epochs)[1:])
+        plain_net = net()
+        optimizer = torch.optim.SGD(plain_net.parameters(), lr=0.01, momentum=0.9)
+        dataloader = statistics.median([plain_epoch(plain_net, optimizer, loader) for _ in range(args.epochs)][1:])
         print(f"dataloader_epoch_ratio={dataloader / plain:.2f}")
 
 

@@ -49,8 +49,9 @@ def activation_module(net: nn.Module, layer: int) -> nn.Module:
     """The module whose output feeds the nonlinearity after weight layer `layer`: its normalization, if any."""
     modules = list(net.modules())
     weight = weight_layers(net)[layer][1]
-    following = modules[modules.index(weight) + 1] if modules.index(weight) + 1 < len(modules) else None
-    return following if isinstance(following, (NoisyBatchNorm, nn.modules.batchnorm._BatchNorm)) else weight
+    after = modules.index(weight) + 1
+    following = modules[after] if after < len(modules) else None
+    return following if isinstance(following, (NoisyBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d)) else weight
 
 
 def _norm(tensors: Tensors) -> float:
@@ -63,7 +64,8 @@ def _difference(a: Tensors, b: Tensors) -> Tensors:
 
 def _cosine(a: Tensors, b: Tensors) -> float:
     dot = sum(float((a[k].double() * b[k].double()).sum()) for k in a)
-    return dot / (_norm(a) * _norm(b)) if _norm(a) > 0 and _norm(b) > 0 else math.nan
+    norms = _norm(a) * _norm(b)
+    return dot / norms if norms > 0 else math.nan
 
 
 def _unit_quantiles(activations: torch.Tensor) -> list[float]:

@@ -404,5 +404,7 @@ def _log_architectures_figure(summary: dict, tracking) -> None:
                                                                      [r["d_int90"] for r in rows])
     ratio = summary["d_int90_ratio"]
     title = "Fig. 7: d_int90 across FC nets" + (f" (varies {ratio:.2f}x, D {summary['D_ratio']:.1f}x)" if ratio else "")
-    tracking.log_figure(line_plot(series, "number of parameters D", "d_int90", title, logx=True,
-                                  styles={k: {"linestyle": "none"} for k in series}), "fig7_d_int90_vs_D")
+    figure = line_plot(series, "number of parameters D", "d_int90", title, logx=True,
+                       styles={k: {"linestyle": "none"} for k in series})
+    figure.axes[0].set_ylim(bottom=0)  # from zero: how little d_int90 moves while D grows
+    tracking.log_figure(figure, "fig7_d_int90_vs_D")

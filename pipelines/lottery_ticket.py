@@ -1,7 +1,7 @@
 """Lottery tickets of Frankle & Carbin (2019): iterative magnitude pruning with rewinding, and its controls.
 
     mlflow run . -e lottery_ticket --env-manager local
-    python -m pipelines lottery_ticket --rounds 14 --seeds 2 --controls random_reinit
+    python -m pipelines lottery_ticket --seeds 2 --controls random_reinit,random_prune
     python -m pipelines lottery_ticket --dataset cifar10 --model conv2 --lr 2e-4 --max_epochs 20
 
 Round 0 trains the dense net; every later round trains the winning ticket that the previous round
@@ -54,7 +54,8 @@ class Params(CommonParams):
     pruning: str = param("layerwise", "rank weights by magnitude per layer, or across layers", choices=PRUNINGS)
     output_rate_half: bool = param(True, "prune the output layer at half the rate (the paper's choice)")
     rewind_step: int = param(0, "rewind the survivors to their values at this iteration (0: the initialization)")
-    controls: tuple[str, ...] = param(CONTROLS, "controls trained every round", choices=CONTROLS)
+    controls: tuple[str, ...] = param(("random_reinit",), "controls trained every round (Figure 1: random_reinit)",
+                                      choices=CONTROLS)
     seeds: int = param(1, "replicates, seeded seed, seed+1, ...; figures show their mean and min-max")
     val_fraction: float = param(0.1, "share of the training set held out for validation (early stopping)")
     val_every: int = param(50, "validate every this many iterations (the early-stop resolution)")

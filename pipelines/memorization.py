@@ -227,7 +227,7 @@ def _figures(params: Params, results: dict, levels: dict, regularizers: dict | N
                          [results[(kind, p)]["epochs_to_fit"] for p in ps if results[(kind, p)]["epochs_to_fit"] is not None])
                   for kind, ps in levels.items()}
         tracking.log_figure(line_plot(fitted, "noise level", f"epochs to {params.fit_acc:g} training accuracy",
-                                      "Epochs to fit grow with noise"), "epochs_to_fit")
+                                      "Epochs to fit vs noise level"), "epochs_to_fit")
         share = {f"{kind} {group}": ([p for p in ps if results[(kind, p)]["groups"][group]],
                                      [results[(kind, p)]["groups"][group]["learned_first_epoch_share"]
                                       for p in ps if results[(kind, p)]["groups"][group]])

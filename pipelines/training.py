@@ -2,9 +2,10 @@
 
 A `TrainJob` bundles a LightningModule, its datamodule, its callbacks and the hardware flags.
 `fit(job)` trains in this process on one device. With several devices (DDP), the training runs as
-its own process group, `python -m pipelines.training JOB`: Lightning's DDP launcher re-executes
-that command for every rank, so a pipeline's orchestration (sweeps, the Optuna loop, pruning
-rounds) runs once, and only rank 0 logs and writes the trained job back.
+its own process group: `python -m pipelines.training JOB` once per rank of this node, started
+together (for `ddp_spawn`, once, and Lightning spawns the ranks). A pipeline's orchestration
+(sweeps, the Optuna loop, pruning rounds) runs once, and only rank 0 logs and writes the trained
+job back.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -87,10 +89,42 @@ def fit(job: TrainJob) -> TrainJob:
         path = os.path.join(folder, "job.pt")
         torch.save(job, path)
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-        done = subprocess.run([sys.executable, "-m", "pipelines.training", path], env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"the DDP training process failed with exit code {done.returncode}")
+        command = [sys.executable, "-m", "pipelines.training", path]
+        ranks = _launch_ranks(command, env, job.hardware) if _script_launched(job.hardware) else [subprocess.Popen(command, env=env)]
+        codes = _wait(ranks)
+        if any(codes):
+            raise RuntimeError(f"the DDP training process failed with exit codes {codes}")
         return torch.load(path + ".out", weights_only=False)
+
+
+def _script_launched(hardware: Hardware) -> bool:
+    """Strategies whose ranks are separate scripts (ddp, not ddp_spawn), when nothing launched us already."""
+    return hardware.strategy != "ddp_spawn" and "LOCAL_RANK" not in os.environ
+
+
+def _launch_ranks(command: list[str], env: dict, hardware: Hardware) -> list[subprocess.Popen]:
+    """Starts this node's ranks at once, as Lightning's launcher would one after the other.
+
+    Lightning re-executes the script for rank 1.. only once rank 0 has imported everything and
+    reached `fit`; starting them together halves the start-up (~10 s of imports) of each training.
+    """
+    from lightning.fabric.plugins.environments.lightning import find_free_network_port
+
+    shared = {"MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+              "MASTER_PORT": env.get("MASTER_PORT", str(find_free_network_port())),
+              "NODE_RANK": env.get("NODE_RANK", "0"), "WORLD_SIZE": str(hardware.world_size)}
+    return [subprocess.Popen(command, env={**env, **shared, "LOCAL_RANK": str(rank)}) for rank in range(hardware.devices)]
+
+
+def _wait(ranks: list[subprocess.Popen]) -> list[int]:
+    """Exit codes of every rank; a rank that fails stops the others, which would wait for it forever."""
+    while any(rank.poll() is None for rank in ranks):
+        if any(rank.returncode for rank in ranks):
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.kill()
+        time.sleep(0.1)
+    return [rank.returncode for rank in ranks]
 
 
 def _worker(path: str) -> None:
