@@ -111,7 +111,10 @@ def _figures(params: Params, results: dict, tracking) -> None:
     if params.conditions:
         curves = {c: ([s / 1000 for s in results[c]["curve"][0]], results[c]["curve"][1]) for c in params.conditions}
         tracking.log_figure(line_plot(curves, "thousand steps", "average training loss",
-                                      "Fig. 1a: learning curves under corruptions", logy=True), "fig1a_training_loss")
+                                      "Fig. 1a: learning curves under corruptions", logy=True,
+                                      # an FC net sees shuffled pixels as it sees true ones: keep both visible
+                                      styles={"shuffled_pixels": {"linestyle": "--", "marker": "x"}}),
+                            "fig1a_training_loss")
     if params.label_noise:
         noise = sorted(params.label_noise)
         rows = [results[f"label_noise={p:g}"] for p in noise]
