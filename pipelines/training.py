@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 import lightning as L
 import torch
 
-# Lightning reports every Trainer's hardware and a warning about our ready-made batches: noise here.
+# Lightning reports every Trainer's hardware and warns about our ready-made batches and about epochs
+# shorter than its per-step logging interval (we log per epoch, never per step): noise here.
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec|isinstance\(treespec).*")
+warnings.filterwarnings("ignore", message=r".*(does not have many workers|sync_dist|LeafSpec|isinstance\(treespec"
+                                          r"|smaller than the logging interval).*")
 
 
 @dataclass
@@ -70,7 +72,7 @@ def make_trainer(job: TrainJob) -> L.Trainer:
         callbacks=job.callbacks, deterministic="warn", enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=sys.stderr.isatty(), num_sanity_val_steps=0, use_distributed_sampler=False,
         check_val_every_n_epoch=job.check_val_every_n_epoch, val_check_interval=job.val_check_interval,
-        limit_val_batches=None if getattr(job.datamodule, "eval_splits", True) else 0, log_every_n_steps=1)
+        limit_val_batches=None if getattr(job.datamodule, "eval_splits", True) else 0)
 
 
 def _fit_here(job: TrainJob) -> L.Trainer:
