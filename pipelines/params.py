@@ -128,7 +128,7 @@ class CommonParams:
     optimizer: str = param("sgd", "optimizer", choices=("sgd", "adam"))
     accelerator: str = param("cpu", "Lightning accelerator: cpu, gpu or auto")
     devices: int = param(1, "devices (processes) per node")
-    strategy: str = param("auto", "Lightning strategy: auto, ddp, ddp_spawn")
+    strategy: str = param("auto", "Lightning strategy: auto or ddp (each training is its own DDP process group)")
     num_nodes: int = param(1, "number of nodes")
     precision: str = param("32-true", "Lightning precision: 32-true, 16-mixed, bf16-mixed")
     tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -143,8 +143,10 @@ class CommonParams:
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
         require(self.accelerator in ("cpu", "gpu", "cuda", "auto"), "accelerator",
                 f"unknown accelerator {self.accelerator!r}; choose from cpu, gpu, auto")
-        require(self.strategy in ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"), "strategy",
-                f"unknown strategy {self.strategy!r}; choose from auto, ddp, ddp_spawn")
+        # ddp_spawn would hand back only the weights, not the callbacks' state that pipelines read.
+        require(self.strategy in ("auto", "ddp", "ddp_find_unused_parameters_true"), "strategy",
+                f"unknown strategy {self.strategy!r}; choose from auto, ddp (every training already runs as "
+                f"its own process group, so ddp_spawn is not needed)")
         if self.dataset not in EMBEDDED:  # missing files are bad input, found before any run exists
             try:
                 load(self.dataset, self.data_dir, self.download, self.seed)

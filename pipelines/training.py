@@ -3,7 +3,7 @@
 A `TrainJob` bundles a LightningModule, its datamodule, its callbacks and the hardware flags.
 `fit(job)` trains in this process on one device. With several devices (DDP), the training runs as
 its own process group: `python -m pipelines.training JOB` once per rank of this node, started
-together (for `ddp_spawn`, once, and Lightning spawns the ranks). A pipeline's orchestration
+together. A pipeline's orchestration
 (sweeps, the Optuna loop, pruning rounds) runs once, and only rank 0 logs and writes the trained
 job back.
 """
@@ -92,16 +92,14 @@ def fit(job: TrainJob) -> TrainJob:
         torch.save(job, path)
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
         command = [sys.executable, "-m", "pipelines.training", path]
-        ranks = _launch_ranks(command, env, job.hardware) if _script_launched(job.hardware) else [subprocess.Popen(command, env=env)]
+        if "LOCAL_RANK" in os.environ:  # an outer launcher (torchrun) started us: Lightning joins its group
+            ranks = [subprocess.Popen(command, env=env)]
+        else:
+            ranks = _launch_ranks(command, env, job.hardware)
         codes = _wait(ranks)
         if any(codes):
             raise RuntimeError(f"the DDP training process failed with exit codes {codes}")
         return torch.load(path + ".out", weights_only=False)
-
-
-def _script_launched(hardware: Hardware) -> bool:
-    """Strategies whose ranks are separate scripts (ddp, not ddp_spawn), when nothing launched us already."""
-    return hardware.strategy != "ddp_spawn" and "LOCAL_RANK" not in os.environ
 
 
 def _launch_ranks(command: list[str], env: dict, hardware: Hardware) -> list[subprocess.Popen]:

@@ -46,6 +46,7 @@ BAD_INPUT = [
     (["--max_epochs", "0"], "--max_epochs"),
     (["--batch_size", "-8"], "--batch_size"),
     (["--devices", "4096"], "--devices"),
+    (["--strategy", "ddp_spawn"], "--strategy"),
     (["--lr", "fast"], "--lr"),
     (["--dataset", "mnist", "--data_dir", "nowhere"], "--data_dir"),
 ]

@@ -3,7 +3,7 @@ import subprocess
 import sys
 import time
 
-from pipelines.training import Hardware, _launch_ranks, _script_launched, _wait
+from pipelines.training import Hardware, _launch_ranks, _wait
 
 
 def test_ranks_start_with_their_own_local_rank_and_one_shared_address(tmp_path):
@@ -16,13 +16,6 @@ def test_ranks_start_with_their_own_local_rank_and_one_shared_address(tmp_path):
     world_size, node_rank, address, port = seen["0"]
     assert (world_size, node_rank, address) == ("6", "0", "127.0.0.1") and int(port) > 0
     assert seen["1"] == seen["2"] == seen["0"]  # one rendezvous for every rank
-
-
-def test_ddp_spawn_and_an_outer_launcher_keep_a_single_process(monkeypatch):
-    assert _script_launched(Hardware(devices=2, strategy="ddp"))
-    assert not _script_launched(Hardware(devices=2, strategy="ddp_spawn"))
-    monkeypatch.setenv("LOCAL_RANK", "0")  # e.g. torchrun started us: Lightning joins its group
-    assert not _script_launched(Hardware(devices=2, strategy="ddp"))
 
 
 def test_a_failing_rank_stops_the_others():
