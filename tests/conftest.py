@@ -49,6 +49,21 @@ class PipelineRun:
 
 
 @pytest.fixture
+def refused(tmp_path, capsys):
+    """refused(name, *flags) -> the error line, once the contract for bad input holds: exit code 2,
+    one line, no traceback, and nothing written (no tracking database, no Optuna study)."""
+
+    def _refused(name: str, *flags: str) -> str:
+        code = main([name, *flags])  # the default store: sqlite:///mlflow.db in this test's folder
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not list(tmp_path.glob("*.db")) and not list(tmp_path.glob("*.journal"))
+        return err
+
+    return _refused
+
+
+@pytest.fixture
 def run_pipeline(tracking_uri):
     """run_pipeline(name, *flags) -> PipelineRun, through the real CLI into a temporary SQLite store."""
 
