@@ -3,7 +3,9 @@
 Datasets that fit in memory live as tensors on the training device and are served as ready
 batches (`TensorBatches`), which skips the per-example collation of a DataLoader. Under DDP each
 rank takes its own shard of every epoch's permutation; the permutation is drawn from
-(seed, epoch), so it is the same on every rank and the same every run.
+(seed, epoch), so it is the same on every rank and the same every run. With `steps_per_call` > 1
+the training loader hands Lightning lists of that many consecutive mini-batches (the same
+mini-batches in the same order; `pipelines.training` decides when that is safe).
 """
 from __future__ import annotations
 
@@ -19,14 +21,15 @@ class TensorBatches:
     """An iterable of (x, y) mini-batches cut from tensors; reshuffled every pass from (seed, pass count).
 
     One iteration makes `passes` passes over the tensors (a tiny training set's "epoch" can then hold
-    enough steps that Lightning's per-epoch cost does not dominate).
+    enough steps that Lightning's per-epoch cost does not dominate). With `group` > 1 it yields lists
+    of up to `group` consecutive mini-batches (the last list of an iteration may be shorter).
     """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool, seed: int = 0, augment: bool = False,
-                 rank: int = 0, world_size: int = 1, passes: int = 1):
+                 rank: int = 0, world_size: int = 1, passes: int = 1, group: int = 1):
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
         self.augment, self.rank, self.world_size, self.passes = augment, rank, world_size, passes
-        self.epoch = 0
+        self.group, self.epoch = group, 0
 
     def _indices(self) -> torch.Tensor:
         n = len(self.y)
@@ -41,9 +44,22 @@ class TensorBatches:
 
     def __len__(self) -> int:
         per_rank = -(-len(self.y) // self.world_size)
-        return self.passes * -(-per_rank // self.batch_size)
+        return -(-self.passes * -(-per_rank // self.batch_size) // self.group)
 
     def __iter__(self):
+        if self.group == 1:
+            yield from self._batches()
+            return
+        group = []
+        for batch in self._batches():
+            group.append(batch)
+            if len(group) == self.group:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _batches(self):
         for _ in range(self.passes):
             indices = self._indices()
             self.epoch += 1
@@ -74,6 +90,7 @@ class ArrayDataModule(L.LightningDataModule):
     `num_classes`, `input_shape`, `input_mean` and `input_std` (the standardization, in [0, 1] units;
     0 and 1 with `standardize=False`, which keeps the source's inputs as they are).
     `eval_splits` lists the splits evaluated every epoch; an epoch is `epoch_passes` passes over the training set.
+    `steps_per_call`: mini-batches per training-loader item (set by `pipelines.training`, else 1).
     """
 
     def __init__(self, dataset: str = "mnist5k", data_dir: str = "data", download: bool = False,
@@ -86,6 +103,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.corruption, self.augment, self.train_subset = corruption, augment, train_subset
         self._eval_splits, self.standardize, self.epoch_passes = eval_splits, standardize, epoch_passes
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.steps_per_call = 1
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -134,14 +152,18 @@ class ArrayDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None, passes: int = 1) -> TensorBatches:
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None, passes: int = 1,
+               group: int = 1) -> TensorBatches:
         rank, world = self._rank()
         x, y = self.splits[split]
         per_rank = max(1, (batch_size or self.batch_size) // world)
-        return TensorBatches(x, y, per_rank, shuffle, self.seed, self.augment and shuffle, rank, world, passes)
+        return TensorBatches(x, y, per_rank, shuffle, self.seed, self.augment and shuffle, rank, world, passes, group)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # cut from tensors that setup() already put on the training device
 
     def train_dataloader(self):
-        return self.loader("train", shuffle=True, passes=self.epoch_passes)
+        return self.loader("train", shuffle=True, passes=self.epoch_passes, group=self.steps_per_call)
 
     def val_dataloader(self):
         return [self.loader(split, batch_size=1024) for split in self.eval_splits]

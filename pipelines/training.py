@@ -1,6 +1,8 @@
 """One way to run a training, for every pipeline: build the Trainer, fit, hand back the result.
 
 A `TrainJob` bundles a LightningModule, its datamodule, its callbacks and the hardware flags.
+Where nothing can tell, Lightning is handed 8 consecutive mini-batches per training step (the same
+optimizer steps, a fraction of Lightning's per-step cost: `steps_per_call`).
 `fit(job)` trains in this process on one device. With several devices (DDP), the training runs as
 its own process group: `python -m pipelines.training JOB` once per rank of this node, started
 together. A pipeline's orchestration
@@ -59,11 +61,35 @@ class TrainJob:
     max_steps: int = -1
     check_val_every_n_epoch: int = 1
     val_check_interval: int | float | None = None
+    # Mini-batches one Lightning training step takes where that is safe (`steps_per_call`); ClassifierModule
+    # steps the optimizer once per mini-batch, and Lightning's per-call work (fetch, hooks, progress) runs once.
+    steps_per_call: int = 8
+
+
+PER_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero_grad", "on_before_backward",
+                   "on_after_backward", "on_before_optimizer_step")
+
+
+def steps_per_call(job: TrainJob) -> int:
+    """`job.steps_per_call` where nothing can tell the groups from single mini-batches, else 1.
+
+    Grouping keeps the mini-batches, their order and every optimizer step, so the numbers are the
+    same; what it changes is what Lightning calls a batch. So it stays off on several devices (DDP
+    syncs the gradients of one backward per forward), with a step budget or validation inside the
+    epoch (Lightning checks both per call), and when any callback or the module hooks into single batches.
+    """
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if job.hardware.world_size > 1 or job.max_steps != -1 or job.val_check_interval is not None:
+        return 1
+    hooked = [job.module, *job.callbacks]
+    return 1 if any(is_overridden(hook, obj) for obj in hooked for hook in PER_BATCH_HOOKS) else job.steps_per_call
 
 
 def make_trainer(job: TrainJob) -> L.Trainer:
     from lightning.pytorch.loggers import MLFlowLogger
 
+    job.datamodule.steps_per_call = steps_per_call(job)
     logger = MLFlowLogger(tracking_uri=job.tracking_uri, run_id=job.run_id) if job.run_id else False
     hw = job.hardware
     return L.Trainer(

@@ -19,12 +19,12 @@ def test_hinge_with_one_output_maps_labels_to_plus_minus_one_and_counts_zero_as_
     assert (predictions(outputs) == y).tolist() == [True, False, False]
 
 
-def _train(epochs=3, seed=0, **module_kwargs):
+def _train(epochs=3, seed=0, steps_per_call=TrainJob.steps_per_call, **module_kwargs):
     dm = ArrayDataModule("digits", batch_size=64, seed=seed, val_fraction=0.1)
     dm.setup()
     torch.manual_seed(seed)
     module = ClassifierModule(build_net("fc", dm.input_shape, dm.num_classes, widths=(64,)), **module_kwargs)
-    return fit(TrainJob(module, dm, Hardware(), epochs, seed)).module, dm
+    return fit(TrainJob(module, dm, Hardware(), epochs, seed, steps_per_call=steps_per_call)).module, dm
 
 
 def test_a_real_tiny_fit_learns_digits_and_records_history():
@@ -49,3 +49,13 @@ def test_same_seed_gives_the_same_numbers_on_the_cpu():
 def test_lr_decay_is_applied_per_epoch():
     module, _ = _train(epochs=3, lr=0.1, lr_decay=0.5)
     assert module.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+
+
+def test_grouped_mini_batches_train_exactly_as_one_per_lightning_step():
+    grouped, dm = _train(epochs=2, lr_decay=0.9)
+    single, _ = _train(epochs=2, lr_decay=0.9, steps_per_call=1)
+    batches = -(-len(dm.splits["train"][1]) // 64)  # 23 mini-batches of 64 per epoch
+    assert grouped.trainer.num_training_batches == -(-batches // 8) and single.trainer.num_training_batches == batches
+    assert grouped.trainer.global_step == single.trainer.global_step == 2 * batches  # optimizer steps either way
+    assert grouped.history == single.history
+    assert all(torch.equal(a, b) for a, b in zip(grouped.state_dict().values(), single.state_dict().values()))

@@ -110,3 +110,14 @@ def test_tensor_batches_cover_every_example_once_per_epoch_and_shard_across_rank
     assert not torch.equal(epoch1, epoch2)  # reshuffled every epoch
     ranks = [torch.cat([b for _, b in TensorBatches(x, y, 2, True, 0, rank=r, world_size=2)]) for r in (0, 1)]
     assert sorted(torch.cat(ranks).tolist()) == list(range(10))  # disjoint shards covering the epoch
+
+
+def test_grouped_tensor_batches_hand_over_the_same_mini_batches_in_the_same_order():
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    single = TensorBatches(x, y, batch_size=3, shuffle=True, seed=0, passes=2)
+    grouped = TensorBatches(x, y, batch_size=3, shuffle=True, seed=0, passes=2, group=3)
+    groups = list(grouped)
+    assert [len(g) for g in groups] == [3, 3, 2] and len(grouped) == 3  # 8 mini-batches over the two passes
+    assert all(isinstance(g, list) for g in groups)
+    flat = [batch for group in groups for batch in group]
+    assert [b.tolist() for _, b in flat] == [b.tolist() for _, b in single]

@@ -1,9 +1,11 @@
-"""The DDP launch of pipelines.training: every rank of the node at once, and no rank left waiting."""
+"""pipelines.training: the DDP launch (every rank of the node at once, no rank left waiting) and when mini-batches are grouped."""
 import subprocess
 import sys
 import time
 
-from pipelines.training import Hardware, _launch_ranks, _wait
+import torch
+
+from pipelines.training import Hardware, TrainJob, _launch_ranks, _wait, steps_per_call
 
 
 def test_ranks_start_with_their_own_local_rank_and_one_shared_address(tmp_path):
@@ -24,3 +26,24 @@ def test_a_failing_rank_stops_the_others():
     start = time.monotonic()
     codes = _wait(ranks)
     assert codes[0] == 3 and codes[1] != 0 and time.monotonic() - start < 30
+
+
+def test_mini_batches_are_grouped_only_where_nothing_can_tell():
+    from lightning.pytorch.callbacks import Callback
+
+    from callbacks.smoothness import SmoothnessProbe
+    from datamodules.datamodule import ArrayDataModule
+    from modules.classifier import ClassifierModule
+
+    class PerEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            pass
+
+    def job(hardware=Hardware(), **changes):
+        return TrainJob(ClassifierModule(torch.nn.Linear(2, 2)), ArrayDataModule("digits"), hardware, 1, **changes)
+
+    assert steps_per_call(job()) == steps_per_call(job(callbacks=[PerEpoch()])) == TrainJob.steps_per_call > 1
+    assert steps_per_call(job(steps_per_call=3)) == 3
+    assert steps_per_call(job(hardware=Hardware(devices=2, strategy="ddp"))) == 1  # DDP: one backward per forward
+    assert steps_per_call(job(max_steps=10)) == 1 and steps_per_call(job(val_check_interval=5)) == 1
+    assert steps_per_call(job(callbacks=[SmoothnessProbe(every=1, etas=(0.1,))])) == 1  # probes single batches
