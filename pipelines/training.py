@@ -113,7 +113,7 @@ def fit(job: TrainJob) -> TrainJob:
     if job.hardware.world_size == 1:
         _fit_here(job)
         return job
-    with tempfile.TemporaryDirectory(prefix="train-job-") as folder:
+    with tempfile.TemporaryDirectory(prefix="train-job-") as folder:  # private (0700): only our ranks read it
         path = os.path.join(folder, "job.pt")
         torch.save(job, path)
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
@@ -125,7 +125,59 @@ def fit(job: TrainJob) -> TrainJob:
         codes = _wait(ranks)
         if any(codes):
             raise RuntimeError(f"the DDP training process failed with exit codes {codes}")
-        return torch.load(path + ".out", weights_only=False)
+        _restore(job, load_plain(path + ".out"))
+        return job
+
+
+def _plain(value):
+    """`value` if it is made of tensors, numbers, strings and containers of them (what loads without
+    unpickling code), else `_NOT_PLAIN`."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else type(value)(items)
+    if isinstance(value, dict) and all(isinstance(k, (str, int)) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
+    return _NOT_PLAIN
+
+
+_NOT_PLAIN = object()
+
+
+def _state(obj, public_only: bool = False) -> dict:
+    """The plain-data attributes of a callback (or the public ones of a module, whose private ones are
+    torch's bookkeeping): what a training changes in them besides the weights."""
+    values = {k: _plain(v) for k, v in vars(obj).items() if not (public_only and k.startswith("_"))}
+    return {k: v for k, v in values.items() if v is not _NOT_PLAIN}
+
+
+def _restore(job: TrainJob, state: dict) -> None:
+    job.module.load_state_dict(state["weights"])
+    vars(job.module).update(state["module"])
+    for callback, values in zip(job.callbacks, state["callbacks"]):
+        vars(callback).update(values)
+
+
+class UnsafeFile(Exception):
+    """A file that holds more than tensors and plain data: loading it would unpickle, and so run, code."""
+
+
+def load_plain(path: str):
+    """Tensors and plain containers from a `torch.save` file, never unpickled objects.
+
+    Anything else (a pickled class, a function, a `__reduce__` payload) is refused with `UnsafeFile`:
+    an artifact store is shared, and unpickling a file from it runs whatever code it holds.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsafeFile(f"{path}: refused: it holds more than tensors and plain data, and loading it would "
+                         f"run code ({reason})") from None
 
 
 def _launch_ranks(command: list[str], env: dict, hardware: Hardware) -> list[subprocess.Popen]:
@@ -156,9 +208,10 @@ def _wait(ranks: list[subprocess.Popen]) -> list[int]:
 def _worker(path: str) -> None:
     job: TrainJob = torch.load(path, weights_only=False)
     trainer = _fit_here(job)
-    if trainer.global_rank == 0:
+    if trainer.global_rank == 0:  # rank 0 hands back plain data only: the parent never unpickles it
         job.module.to("cpu")
-        torch.save(job, path + ".out")
+        torch.save({"weights": job.module.state_dict(), "module": _state(job.module, public_only=True),
+                    "callbacks": [_state(callback) for callback in job.callbacks]}, path + ".out")
 
 
 if __name__ == "__main__":
