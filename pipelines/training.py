@@ -1,6 +1,9 @@
 """One way to run a training, for every pipeline: build the Trainer, fit, hand back the result.
 
-A `TrainJob` bundles a LightningModule, its datamodule, its callbacks and the hardware flags.
+A pipeline describes each training as a `Recipe` (data, net, loss, optimizer, callbacks, budget;
+`recipe(params, data, net)` fills in the common flags) and runs it with `train(recipe, run)`, which
+seeds, builds the `ClassifierModule`, logs the dataset to the child run and returns a `Trained`
+(module, history, callbacks by type). Underneath, a `TrainJob` bundles a LightningModule, its datamodule, its callbacks and the hardware flags.
 Where nothing can tell, Lightning is handed 8 consecutive mini-batches per training step (the same
 optimizer steps, a fraction of Lightning's per-step cost: `steps_per_call`).
 `fit(job)` trains in this process on one device. With several devices (DDP), the training runs as
@@ -19,9 +22,14 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable
 
 import lightning as L
 import torch
+from torch import nn
+
+from datamodules.datamodule import ArrayDataModule
+from modules.classifier import ClassifierModule
 
 # Lightning reports every Trainer's hardware and warns about our ready-made batches and about epochs
 # shorter than its per-step logging interval (we log per epoch, never per step): noise here.
@@ -68,6 +76,81 @@ class TrainJob:
 
 PER_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero_grad", "on_before_backward",
                    "on_after_backward", "on_before_optimizer_step")
+
+
+def datamodule(params, **options) -> ArrayDataModule:
+    """The pipeline's data (--dataset, --data_dir, --download, --batch_size, --seed), set up."""
+    data = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed, **options)
+    data.setup()
+    return data
+
+
+@dataclass
+class Recipe:
+    """One supervised training as the papers describe it: data, net, loss, optimizer, callbacks, budget."""
+
+    data: ArrayDataModule
+    net: nn.Module | Callable[[], nn.Module]  # a builder runs after seeding, so the initialization follows `seed`
+    hardware: Hardware
+    max_epochs: int
+    seed: int = 0
+    loss: str = "cross_entropy"
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0
+    fused: bool = False
+    callbacks: list = field(default_factory=list)
+    eval_splits: tuple[str, ...] | None = None  # None: the datamodule's
+    max_steps: int = -1
+    check_val_every_n_epoch: int | None = 1
+    val_check_interval: int | float | None = None
+
+
+def recipe(params, data: ArrayDataModule, net, **settings) -> Recipe:
+    """A `Recipe` with the common flags (hardware, --max_epochs, --seed, --optimizer, --lr) and `settings`."""
+    common = {"hardware": Hardware.from_params(params), "max_epochs": params.max_epochs, "seed": params.seed,
+              "optimizer": params.optimizer, "lr": params.lr}
+    return Recipe(data, net, **{**common, **settings})
+
+
+@dataclass
+class Trained:
+    """What a training leaves: the trained module, its data, and its callbacks as rank 0 left them."""
+
+    module: ClassifierModule
+    data: ArrayDataModule
+    callbacks: list
+
+    @property
+    def net(self) -> nn.Module:
+        return self.module.net
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.module.history
+
+    def callback(self, kind: type):
+        """The callback of type `kind` (pipelines look callbacks up by what they are, not by position)."""
+        return next(cb for cb in self.callbacks if isinstance(cb, kind))
+
+
+def train(recipe: Recipe, run=None) -> Trained:
+    """Seeds, builds the net and its `ClassifierModule`, trains; metrics and the dataset go to `run`."""
+    data = recipe.data
+    if not data.splits:
+        data.setup()
+    L.seed_everything(recipe.seed, verbose=False)
+    net = recipe.net if isinstance(recipe.net, nn.Module) else recipe.net()
+    module = ClassifierModule(net, recipe.loss, recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
+                              recipe.lr_decay, eval_splits=recipe.eval_splits or data.eval_splits, fused=recipe.fused)
+    if run is not None:
+        run.log_dataset(data)
+    job = fit(TrainJob(module, data, recipe.hardware, recipe.max_epochs, recipe.seed, list(recipe.callbacks),
+                       run.id if run is not None else None, run.tracking_uri if run is not None else "",
+                       recipe.max_steps, recipe.check_val_every_n_epoch, recipe.val_check_interval))
+    return Trained(job.module, data, job.callbacks)
 
 
 def steps_per_call(job: TrainJob) -> int:
