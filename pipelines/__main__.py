@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         params = parse(pipeline.Params, argv[1:], prog=prog)
         with Tracking(name, params) as tracking:
             summary = pipeline.run(params, tracking)
-            tracking.log_dict(summary, "summary.json")
+            tracking.log_summary(summary)
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 
@@ -31,7 +30,7 @@ from modules.classifier import ClassifierModule
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
 from pipelines.params import CommonParams, param, require, require_fraction
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import datamodule, recipe, train
 
 LABELS = {"true": Corruption(), "random": Corruption("random_labels")}
 DOUBLING = tuple(round(0.001 * 2 ** i, 3) for i in range(10)) + (1.0,)  # 0.001, 0.002, ..., 0.512, 1.0
@@ -112,29 +111,23 @@ def code_length_bits(module: ClassifierModule, x: torch.Tensor, y: torch.Tensor)
     return nats_per_label * len(y) / math.log(2)
 
 
-def code_chunk(params: Params, labels: str, seen: int, end: int, run_id: str | None, tracking_uri: str) -> dict:
+def code_chunk(params: Params, labels: str, seen: int, end: int, child) -> dict:
     """Bits to send labels seen+1..end with a model trained (early-stopped) on the first `seen`."""
     data = SentPrefix(params, labels, seen, end)
     data.setup()
-    L.seed_everything(params.seed, verbose=False)
     options = {"widths": params.widths} if params.model == "fc" else {}
-    net = build_net(params.model, data.input_shape, data.num_classes, **options)
-    module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, eval_splits=("val",))
-    best = KeepBest()
+    net = lambda: build_net(params.model, data.input_shape, data.num_classes, **options)
     stop = EarlyStopping("val_loss", patience=params.patience, mode="min", check_finite=False)
-    job = fit(TrainJob(module, data, Hardware.from_params(params), params.max_epochs, params.seed, [best, stop],
-                       run_id, tracking_uri))
-    kept = next(cb for cb in job.callbacks if isinstance(cb, KeepBest))
-    job.module.net.load_state_dict(kept.best_state)
-    _, accuracy = job.module.evaluate(*data.splits["next"])
-    return {"bits": code_length_bits(job.module, *data.splits["next"]), "next_acc": accuracy, "held_out_loss": kept.best,
-            "epochs": len(job.module.history), "num_classes": data.num_classes}
+    trained = train(recipe(params, data, net, callbacks=[KeepBest(), stop]), child)
+    kept = trained.callback(KeepBest)
+    trained.net.load_state_dict(kept.best_state)
+    _, accuracy = trained.module.evaluate(*data.splits["next"])
+    return {"bits": code_length_bits(trained.module, *data.splits["next"]), "next_acc": accuracy,
+            "held_out_loss": kept.best, "epochs": len(trained.history), "num_classes": data.num_classes}
 
 
 def run(params: Params, tracking) -> dict:
-    reference = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
-                                train_subset=params.examples)
-    reference.setup()
+    reference = datamodule(params, train_subset=params.examples)
     n, num_classes = len(reference.splits["train"][1]), reference.num_classes
     ends = boundaries(params.chunks, n)
     uniform_bits = lambda count: count * math.log2(num_classes)
@@ -147,12 +140,11 @@ def run(params: Params, tracking) -> dict:
                 print(f"[{labels} {index}/{len(ends) - 1}] labels {seen + 1}..{end}: uniform code "
                       f"{uniform_bits(end - seen):.1f} bits", flush=True)
                 continue
-            run_id = tracking.child(f"{labels} labels: code {seen + 1}..{end}",
-                                    {"labels_kind": labels, "seen": seen, "chunk_end": end})
-            result = code_chunk(params, labels, seen, end, run_id, tracking.uri)
-            tracking.log_metrics(run_id, {"chunk_bits": result["bits"], "bits_per_label": result["bits"] / (end - seen),
-                                          "next_acc": result["next_acc"], "best_held_out_loss": result["held_out_loss"]})
-            tracking.end_child(run_id)
+            with tracking.child(f"{labels} labels: code {seen + 1}..{end}",
+                                {"labels_kind": labels, "seen": seen, "chunk_end": end}) as child:
+                result = code_chunk(params, labels, seen, end, child)
+                child.log_metrics({"chunk_bits": result["bits"], "bits_per_label": result["bits"] / (end - seen),
+                                   "next_acc": result["next_acc"], "best_held_out_loss": result["held_out_loss"]})
             cumulative.append(cumulative[-1] + result["bits"])
             print(f"[{labels} {index}/{len(ends) - 1}] labels {seen + 1}..{end}: {result['bits']:.1f} bits "
                   f"({result['bits'] / (end - seen):.3f} per label, uniform {math.log2(num_classes):.3f}), "

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 from callbacks.stopping import stop_when
 from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule, loss_fn, predictions
+from modules.classifier import loss_fn, predictions
 from modules.nets import build_net, count_parameters
 from modules.random_features import (RandomFourierFeatures, gaussian_kernel, kernel_interpolant, median_distance,
                                      min_norm_least_squares)
 from pipelines.figures import line_plot
 from pipelines.params import CommonParams, param, require, require_fraction
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import datamodule, recipe, train
 
 METHODS = ("rff", "nn", "forest")
 LR_DECAY = 0.9 ** (1 / 500)  # the paper's step size loses 10% every 500 epochs; here spread over the epochs
@@ -90,8 +90,8 @@ def risks(outputs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
 class Curve:
     """One method's sweep: each size is a step of the method's child run; keeps the curves for the summary."""
 
-    def __init__(self, method: str, tracking, run_id: str):
-        self.method, self.tracking, self.run_id = method, tracking, run_id
+    def __init__(self, method: str, run):
+        self.method, self.run = method, run
         self.total = 0  # sizes in the sweep, for the progress lines
         self.rows: list[dict] = []
         self.threshold: float | None = None
@@ -101,7 +101,7 @@ class Curve:
         row = {"size": size, "train_risk": train[0], "train_zero_one": train[1], "test_risk": test[0],
                "test_zero_one": test[1], "norm": norm, **extra}
         self.rows.append(row)
-        self.tracking.log_metrics(self.run_id, {k: v for k, v in row.items() if k != "size"}, step=size)
+        self.run.log_metrics({k: v for k, v in row.items() if k != "size"}, step=size)
         extras = " ".join(f"{k}={v}" for k, v in extra.items())
         print(f"[{self.method} {len(self.rows)}/{self.total}] size={size} {extras} train_risk={train[0]:.3g} "
               f"test_risk={test[0]:.4g} test_zero_one={test[1]:.3f} norm={'-' if norm is None else f'{norm:.4g}'}",
@@ -139,7 +139,7 @@ def sweep_rff(params: Params, data: ArrayDataModule, curve: Curve) -> None:
     kernel_test = risks(gaussian_kernel(x_test, x, sigma) @ alpha, y_test)
     kernel = curve.references["kernel (N = inf)"] = {"test_risk": kernel_test[0], "test_zero_one": kernel_test[1],
                                                      "norm": math.sqrt((targets * alpha).sum().item())}
-    curve.tracking.log_metrics(curve.run_id, {"sigma": sigma, **{f"kernel_{k}": v for k, v in kernel.items()}})
+    curve.run.log_metrics({"sigma": sigma, **{f"kernel_{k}": v for k, v in kernel.items()}})
     features = RandomFourierFeatures(x.shape[1], max(sizes), sigma, params.seed)
     train_cosines, test_cosines = features.cosines(x), features.cosines(x_test)
     for size in sizes:
@@ -179,14 +179,12 @@ def sweep_nn(params: Params, data: ArrayDataModule, curve: Curve) -> None:
         size = count_parameters(net)
         if params.weight_reuse and previous is not None and size < curve.threshold:
             reuse_weights(previous, net)
-        module = ClassifierModule(net, "squared", params.optimizer, params.lr, params.momentum,
-                                  lr_decay=LR_DECAY, eval_splits=("test",))
-        job = fit(TrainJob(module, data, Hardware.from_params(params), params.max_epochs, params.seed,
-                           [stop_when("train_acc", 1.0)]))
-        module, previous = job.module, job.module.net
-        train, test = module.evaluate(x, y), module.evaluate(x_test, y_test)
+        trained = train(recipe(params, data, net, loss="squared", momentum=params.momentum, lr_decay=LR_DECAY,
+                               callbacks=[stop_when("train_acc", 1.0)]))
+        module, previous = trained.module, trained.net
+        on_train, on_test = module.evaluate(x, y), module.evaluate(x_test, y_test)
         norm = torch.cat([p.detach().flatten() for p in module.net.parameters()]).norm().item()
-        curve.add(size, (train[0], 1 - train[1]), (test[0], 1 - test[1]), norm, hidden_units=width,
+        curve.add(size, (on_train[0], 1 - on_train[1]), (on_test[0], 1 - on_test[1]), norm, hidden_units=width,
                   epochs=len(module.history))
 
 
@@ -227,16 +225,13 @@ FIGURES = {"rff": ("fig2_rff", "number of random Fourier features N", "l2 norm o
 
 
 def run(params: Params, tracking) -> dict:
-    data = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
-                           train_subset=params.n)
-    data.setup()
+    data = datamodule(params, train_subset=params.n)
     summary = {}
     for method in params.methods:
-        run_id = tracking.child(method, {"method": method})
-        curve = Curve(method, tracking, run_id)
-        SWEEPS[method](params, data, curve)
-        tracking.log_metrics(run_id, {"threshold": curve.threshold})
-        tracking.end_child(run_id)
+        with tracking.child(method, {"method": method}) as child:
+            curve = Curve(method, child)
+            SWEEPS[method](params, data, curve)
+            child.log_metrics({"threshold": curve.threshold})
         tracking.log_metrics(None, curve.headline())
         name, xlabel, norm_label = FIGURES[method]
         tracking.log_figure(_figure(curve, xlabel, norm_label, f"Belkin et al. 2018, {method}, n = {params.n}"), name)

@@ -133,6 +133,8 @@ class CommonParams:
     precision: str = param("32-true", "Lightning precision: 32-true, 16-mixed, bf16-mixed")
     tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     experiment_name: str = param("", "MLflow experiment (default: the pipeline's name, or the one `mlflow run` chose)")
+    system_metrics: bool = param(True, "log the machine's CPU, memory, disk, network and GPU use as system/ metrics "
+                                 "of the parent run, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10)")
 
     def validate(self) -> None:
         from datamodules.sources import EMBEDDED, SOURCES, DataUnavailable, load  # late: keeps --help fast

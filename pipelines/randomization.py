@@ -12,16 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
-
 from callbacks.stopping import stop_when, stopped_by_threshold
 from datamodules.corruption import Corruption
-from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
 from pipelines.params import CommonParams, param, require, require_fraction
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import datamodule, recipe, train
 
 CONDITIONS = {"true_labels": "none", "random_labels": "random_labels", "shuffled_pixels": "shuffled_pixels",
               "random_pixels": "random_pixels", "gaussian": "gaussian"}
@@ -66,23 +62,18 @@ def _net_options(params: Params) -> dict:
     return {"widths": params.widths, "dropout": params.dropout} if params.model == "fc" else {}
 
 
-def train_one(params: Params, corruption: Corruption, run_id: str | None, tracking_uri: str) -> dict:
+def train_one(params: Params, corruption: Corruption, child) -> dict:
     """Trains one net on one corruption until it fits; returns its results and loss curve."""
-    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
-                                 corruption=corruption, augment=params.augment)
-    datamodule.setup()
-    L.seed_everything(params.seed, verbose=False)
-    net = build_net(params.model, datamodule.input_shape, datamodule.num_classes, **_net_options(params))
-    module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, params.momentum,
-                              params.weight_decay, params.lr_decay, eval_splits=datamodule.eval_splits)
+    data = datamodule(params, corruption=corruption, augment=params.augment)
+    net = lambda: build_net(params.model, data.input_shape, data.num_classes, **_net_options(params))
     stops = [stop_when("train_acc", 1.0), stop_when("train_loss", params.fit_loss, mode="min")]
-    job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, params.seed,
-                       stops, run_id, tracking_uri))
-    history = job.module.history
-    fitted = any(stopped_by_threshold(cb) for cb in job.callbacks)
-    return {"train_acc": history[-1]["train_acc"], "test_acc": history[-1]["test_acc"],
-            "steps_to_fit": history[-1]["step"] if fitted else None, "chance_error": 1 - 1 / datamodule.num_classes,
-            "curve": ([h["step"] for h in history], [h["train_loss"] for h in history])}
+    trained = train(recipe(params, data, net, momentum=params.momentum, weight_decay=params.weight_decay,
+                           lr_decay=params.lr_decay, callbacks=stops), child)
+    last = trained.history[-1]
+    fitted = any(stopped_by_threshold(cb) for cb in trained.callbacks)
+    return {"train_acc": last["train_acc"], "test_acc": last["test_acc"],
+            "steps_to_fit": last["step"] if fitted else None, "chance_error": 1 - 1 / data.num_classes,
+            "curve": ([h["step"] for h in trained.history], [h["train_loss"] for h in trained.history])}
 
 
 def run(params: Params, tracking) -> dict:
@@ -90,11 +81,10 @@ def run(params: Params, tracking) -> dict:
     results: dict[str, dict] = {}
     for index, ((kind, p), names) in enumerate(trainings.items(), start=1):
         label = " = ".join(names)
-        run_id = tracking.child(label, {"corruption": kind, "corruption_p": p, "aliases": ",".join(names)})
-        result = train_one(params, Corruption(kind, p), run_id, tracking.uri)
-        tracking.log_metrics(run_id, {k: result[k] for k in ("train_acc", "test_acc", "steps_to_fit")},
-                             step=result["curve"][0][-1])
-        tracking.end_child(run_id)
+        with tracking.child(label, {"corruption": kind, "corruption_p": p, "aliases": ",".join(names)}) as child:
+            result = train_one(params, Corruption(kind, p), child)
+            child.log_metrics({k: result[k] for k in ("train_acc", "test_acc", "steps_to_fit")},
+                              step=result["curve"][0][-1])
         for name in names:
             results[name] = result
         print(f"[{index}/{len(trainings)}] {label}: train_acc={result['train_acc']:.4f} "

@@ -28,11 +28,10 @@ import torch
 from callbacks.stopping import stop_when
 from datamodules.datamodule import ArrayDataModule
 from datamodules.sources import xor_detection
-from modules.classifier import ClassifierModule
 from modules.nets import build_net
 from pipelines.figures import line_plot, plt
 from pipelines.params import CommonParams, param, require
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import recipe, train
 
 STALL_DELTA = 1e-3  # a training loss that falls less than this in --patience epochs has stalled
 
@@ -83,27 +82,25 @@ class XorData(ArrayDataModule):
         return xor_detection(self.d, self.train_size, self.seed)
 
 
-def train_one(params: Params, k: int, seed: int, run_id: str | None, tracking_uri: str,
-              filters: torch.Tensor | None = None) -> dict:
+def train_one(params: Params, k: int, seed: int, child, filters: torch.Tensor | None = None) -> dict:
     """Trains the 2k-filter net of one seed (from `filters` if given) by gradient descent on the hinge loss."""
     data = XorData(params.d, params.train_size, params.batch_size, seed, params.passes_per_epoch)
     data.setup()
-    L.seed_everything(seed, verbose=False)
+    L.seed_everything(seed, verbose=False)  # the initialization follows the seed
     net = build_net("xor_net", data.input_shape, 2, k=k, init_std=params.init_std)
     if filters is not None:
         with torch.no_grad():
             net.filters.weight.copy_(filters)
     initial = net.filters.weight.detach().clone()
-    module = ClassifierModule(net, "hinge", params.optimizer, params.lr, momentum=0.0, eval_splits=("test",))
     stops = [stop_when("train_loss", 0.0, mode="min", stall_epochs=params.patience, stall_delta=STALL_DELTA)]
-    job = fit(TrainJob(module, data, Hardware.from_params(params), params.max_epochs, seed, stops, run_id, tracking_uri))
-    train_loss, train_acc = job.module.evaluate(*data.splits["train"])
-    _, test_acc = job.module.evaluate(*data.splits["test"])
+    trained = train(recipe(params, data, net, seed=seed, loss="hinge", momentum=0.0, callbacks=stops), child)
+    train_loss, train_acc = trained.module.evaluate(*data.splits["train"])
+    _, test_acc = trained.module.evaluate(*data.splits["test"])
     global_minimum = train_loss == 0.0  # the hinge loss is exactly 0 once every margin is at least 1
     return {"train_loss": train_loss, "train_acc": train_acc, "test_acc": test_acc,
             "global_minimum": global_minimum, "bad_global_minimum": global_minimum and test_acc < 1.0,
-            "steps": job.module.history[-1]["step"],
-            "initial_filters": initial, "final_filters": job.module.net.filters.weight.detach().clone()}
+            "steps": trained.history[-1]["step"],
+            "initial_filters": initial, "final_filters": trained.net.filters.weight.detach().clone()}
 
 
 def clustered_filters(filters: torch.Tensor, large_k: int, small_k: int, seed: int) -> torch.Tensor:
@@ -126,15 +123,14 @@ def run(params: Params, tracking) -> dict:
     results: dict[tuple[int, int, str], dict] = {}
     for index, (k, seed, init) in enumerate(planned, start=1):
         label = f"k={k} seed={seed}" + (f" clustered from k={params.large_k}" if init == "clustered" else "")
-        run_id = tracking.child(label, {"k": k, "train_seed": seed, "init": init})
         filters = None
         if init == "clustered":
             filters = clustered_filters(results[(params.large_k, seed, "random")]["final_filters"],
                                         params.large_k, params.small_k, seed)
-        result = train_one(params, k, seed, run_id, tracking.uri, filters)
-        tracking.log_metrics(run_id, {m: result[m] for m in ("train_acc", "test_acc", "train_loss", "steps")} |
-                             {"global_minimum": float(result["global_minimum"])})
-        tracking.end_child(run_id)
+        with tracking.child(label, {"k": k, "train_seed": seed, "init": init}) as child:
+            result = train_one(params, k, seed, child, filters)
+            child.log_metrics({m: result[m] for m in ("train_acc", "test_acc", "train_loss", "steps")} |
+                              {"global_minimum": float(result["global_minimum"])})
         results[(k, seed, init)] = result
         print(f"[{index}/{len(planned)}] {label}: train_acc={result['train_acc']:.4f} test_acc={result['test_acc']:.4f} "
               f"train_loss={result['train_loss']:.4f} steps={result['steps']}"

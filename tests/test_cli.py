@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
 
 import pytest
 import yaml
@@ -10,7 +11,8 @@ from mlflow.tracking import MlflowClient
 from pipelines import NAMES, load
 from pipelines.__main__ import main
 from pipelines.mlproject import render
-from pipelines.params import defaults, parse
+from pipelines.params import defaults, format_value, parse
+from pipelines.tracking import command, describe, generic_headline
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -99,11 +101,55 @@ def test_under_mlflow_run_logs_into_its_run_without_relogging_params(run_pipelin
     client.log_param(parent.info.run_id, "lr", "1e-2")
     monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
     result = run_pipeline("randomization", "--dataset", "digits", "--conditions", "true_labels",
-                          "--label_noise", "", "--max_epochs", "2", "--lr", "1e-2")
+                          "--label_noise", "", "--max_epochs", "2", "--lr", "1e-2", "--system_metrics", "false")
     assert result.exit_code == 0
     assert result.parent.info.run_id == parent.info.run_id and len(result.parents) == 1
     assert result.parent.data.params["lr"] == "1e-2" and result.parent.data.tags["pipeline"] == "randomization"
     assert len(result.children) == 1 and "summary.json" in result.artifact_paths()
+    # MLflow's random run name gives way to what the run measures; --system_metrics false samples nothing.
+    assert parent.info.run_name != "randomization fc digits" == result.parent.info.run_name
+    assert not [key for key in result.parent.data.metrics if key.startswith("system/")]
+
+
+def test_the_parent_run_is_named_described_and_samples_the_machine(run_pipeline, monkeypatch):
+    """Its name and headline come from the pipeline module's RUN_NAME_FIELDS and headline(summary)
+    when it has them; its description reproduces the run; CPU and memory are sampled on it alone."""
+    from pipelines import randomization
+
+    monkeypatch.setattr(randomization, "RUN_NAME_FIELDS", ("dataset", "conditions"), raising=False)
+    monkeypatch.setattr(randomization, "headline", lambda summary: f"{len(summary['conditions'])} condition fit",
+                        raising=False)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    flags = ("--dataset", "digits", "--conditions", "true_labels", "--label_noise", "", "--max_epochs", "2")
+    result = run_pipeline("randomization", *flags)
+    assert result.exit_code == 0
+    experiment = result.client.get_experiment(result.parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens it on its runs
+    assert result.parent.info.run_name == "randomization digits true_labels"
+
+    note = result.parent.data.tags["mlflow.note.content"].splitlines()
+    assert note[0] == "**1 condition fit**"
+    reproduce = shlex.split(note[note.index("```") + 1])
+    assert reproduce[:4] == ["python", "-m", "pipelines", "randomization"]
+    assert {"--dataset", "--conditions", "--label_noise", "--max_epochs", "--tracking_uri"} <= set(reproduce)
+    assert "--lr" not in reproduce  # defaults are left out
+    again = dataclasses.asdict(parse(randomization.Params, reproduce[4:], "r"))  # the same run, flag for flag
+    assert {key: format_value(value) for key, value in again.items()} == result.parent.data.params
+
+    system = {key for key in result.parent.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    assert not [key for key in result.children[0].data.metrics if key.startswith("system/")]
+
+
+def test_the_description_without_a_headline_hook():
+    summary = {"d_int90": 591.25, "D": 199210, "note": "a|b", "seeds": [1, 2], "per_seed": {"0": 1.0}}
+    assert generic_headline("intrinsic_dim fc mnist5k", summary) == "intrinsic_dim fc mnist5k: d_int90 = 591.2, D = 199,210"
+    assert generic_headline("xor", {"k": {"2": 0.5}}) == "xor: finished"
+    text = describe("headline", summary, "python -m pipelines xor")
+    assert "| d_int90 | 591.2 |" in text and "| D | 199,210 |" in text and "| note | a\\|b |" in text
+    assert "seeds" not in text and "per_seed" not in text  # only scalars make the table
+    params = parse(load("xor").Params, ["--tracking_uri", "http://alice:s3cret@h:5000", "--ks", "2,4"], "xor")
+    assert command("xor", params) == "python -m pipelines xor --tracking_uri 'http://alice:***@h:5000' --ks 2,4"
 
 
 def test_a_failing_pipeline_marks_its_runs_failed_and_keeps_what_was_logged(run_pipeline, tracking_uri, monkeypatch):

@@ -55,7 +55,7 @@ def test_kernel_interpolant_interpolates():
     assert torch.allclose(gaussian_kernel(x, x, median_distance(x)) @ alpha, targets, atol=1e-6)
 
 
-class _NoTracking:
+class _NoRun:
     def log_metrics(self, *args, **kwargs):
         pass
 
@@ -63,7 +63,7 @@ class _NoTracking:
 def _rff_curve(n: int, seed: int, ratios: tuple[float, ...]) -> Curve:
     data = ArrayDataModule("mnist5k", seed=seed, train_subset=n)
     data.setup()
-    curve = Curve("rff", _NoTracking(), None)
+    curve = Curve("rff", _NoRun())
     with contextlib.redirect_stdout(io.StringIO()):
         sweep_rff(Params(n=n, seed=seed, rff_features=ratios), data, curve)
     return curve
