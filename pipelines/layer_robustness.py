@@ -5,14 +5,17 @@
     python -m pipelines layer_robustness --depths 1,2,3,4,6                # + the depth sweep (Figure 5)
     python -m pipelines layer_robustness --model vgg11 --dataset cifar10 --download true
     python -m pipelines layer_robustness --model resnet18 --dataset cifar10 --download true
+    python -m pipelines layer_robustness --model small_vgg --norm bn --dataset digits --max_epochs 8 --checkpoints 0,1,2,3,5
 
 Trains the net once (a child run) while `callbacks.rewind_probe.RewindProbe` keeps every layer at
 the epochs in --checkpoints; then, for every layer alone, measures the test error after
 re-initializing it to each checkpoint and after re-randomizing it from its own initializer.
-A layer is *robust* when re-initializing it to epoch 0 (its values before any update) keeps the
-test error within --robust_margin of the trained net's. --depths trains an FCN of each depth
-(--depth_width units per hidden layer), a child run each, and plots the share of robust layers
-against depth. Figures: the notes' Figures 2-4 (heatmaps, layers x checkpoints, darker = higher
+In nets with BatchNorm, every BatchNorm re-estimates its running statistics on the training inputs
+once a layer is changed (--bn_stats recompute): rewound statistics (--bn_stats rewind) would blame the
+layer for stale statistics. A layer is *robust* when re-initializing it to epoch 0 (its values before
+any update) keeps the test error within --robust_margin of the trained net's. --depths trains an
+FCN of each depth (--depth_width units per hidden layer), a child run each, and plots the share of
+robust layers against depth. Figures: the notes' Figures 2-4 (heatmaps, layers x checkpoints, darker = higher
 error, re-randomization as the last column) and Figure 5.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import lightning as L
 import matplotlib.pyplot as plt
 
-from callbacks.rewind_probe import RewindProbe
+from callbacks.rewind_probe import BN_STATS, RewindProbe
 from datamodules.datamodule import ArrayDataModule
 from modules.classifier import ClassifierModule
 from modules.nets import NETS, NORMS, build_net
@@ -45,6 +48,10 @@ class Params(CommonParams):
     checkpoints: tuple[int, ...] = param((0, 1, 2, 3, 5, 10), "epochs whose weights are kept (0 = before any update)")
     probe_every: int = param(0, "also probe every this many epochs during training (0: only at the end)")
     robust_margin: float = param(0.02, "a layer is robust if re-initializing it to epoch 0 adds at most this test error")
+    bn_stats: str = param("recompute", "BatchNorm running statistics once a layer is rewound or re-randomized: "
+                          "recompute (every BatchNorm re-estimates them on up to 10,000 training inputs) or rewind "
+                          "(the layer's own are rewound with it, the others stay stale); no effect without BatchNorm",
+                          choices=BN_STATS)
     depths: tuple[int, ...] = param((), "FCN depths (hidden layers) to sweep for Figure 5 (empty: no sweep)")
     depth_width: int = param(256, "hidden width of every layer of the depth sweep's FCNs")
 
@@ -72,7 +79,7 @@ def train_and_probe(params: Params, model: str, options: dict, run_id: str | Non
     L.seed_everything(params.seed, verbose=False)
     net = build_net(model, datamodule.input_shape, datamodule.num_classes, **options)
     module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, params.momentum, eval_splits=("test",))
-    probe = RewindProbe(params.checkpoints, params.probe_every, split="test", seed=params.seed)
+    probe = RewindProbe(params.checkpoints, params.probe_every, "test", params.seed, params.bn_stats)
     job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, params.seed,
                        [probe], run_id, tracking_uri))
     return job.callbacks[0]
@@ -131,6 +138,8 @@ def heatmap(probe: RewindProbe, title: str):
     distances = [[probe.relative_distance[n][t] for t in taus] for n in names]
     figure, (left, right) = plt.subplots(1, 2, figsize=(4 + 0.9 * len(taus), 1.5 + 0.32 * len(names)), dpi=120,
                                          gridspec_kw={"width_ratios": [len(taus) + 1, len(taus)]})
+    if result["bn_stats"] != "none":
+        title += f" (BN stats: {result['bn_stats']})"
     panels = ((left, errors, [str(t) for t in taus] + ["rand"], "Greys", 1.0, f"{title}: test error"),
               (right, distances, [str(t) for t in taus], "Blues", None, "||w_t - w_0|| / ||w_0||"))
     for ax, values, columns, cmap, vmax, label in panels:
@@ -193,7 +202,8 @@ def run(params: Params, tracking) -> dict:
     summary = {"baseline_error": result["baseline_error"],
                "reinit": {n: {str(t): e for t, e in errors.items()} for n, errors in result["reinit"].items()},
                "rerandomize": result["rerandomize"],
-               "robust_layers": headline["robust_layers"]}
+               "robust_layers": headline["robust_layers"],
+               "bn_stats": result["bn_stats"]}
     tracking.log_metrics(None, {k: headline[k] for k in ("baseline_error", "robust_share", "mean_reinit_damage")})
     tracking.log_figure(heatmap(probes[main], params.model), f"heatmap_{params.model}")
     if params.depths:

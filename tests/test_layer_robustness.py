@@ -6,26 +6,26 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.rewind_probe import (RewindProbe, error_rate, layer_state, layers, load_layer_state,
-                                    rerandomized_state)
+from callbacks.rewind_probe import (RewindProbe, batchnorms, error_rate, layer_state, layers, load_layer_state,
+                                    reestimate_batchnorm, rerandomized_state)
 from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule
+from modules.classifier import ClassifierModule, predictions
 from modules.nets import build_net
 from pipelines.training import Hardware, TrainJob, fit
 
 MNIST = (1, 28, 28)
 
 
-def _trained(dataset: str, widths: tuple, epochs: int, seed: int, checkpoints: tuple):
-    """(probe, trained net, test split, initial state) of an FCN trained in-process with the probe."""
+def _trained(dataset: str, epochs: int, seed: int, checkpoints: tuple, model: str = "fc", **options):
+    """(probe, trained net, data splits, initial state) of a net trained in-process with the probe."""
     datamodule = ArrayDataModule(dataset, seed=seed, eval_splits=("test",))
     datamodule.setup()
     L.seed_everything(seed, verbose=False)
-    net = build_net("fc", datamodule.input_shape, datamodule.num_classes, widths=widths)
+    net = build_net(model, datamodule.input_shape, datamodule.num_classes, **options)
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     probe = RewindProbe(checkpoints, seed=seed)
     job = fit(TrainJob(ClassifierModule(net, eval_splits=("test",)), datamodule, Hardware(), epochs, seed, [probe]))
-    return probe, job.module.net, datamodule.splits["test"], initial
+    return probe, job.module.net, datamodule.splits, initial
 
 
 def test_layers_are_the_parameterized_modules_in_forward_order():
@@ -71,7 +71,8 @@ def test_rerandomization_resets_the_batchnorm_of_a_layer():
 
 
 def test_reinit_restores_the_checkpoint_and_probing_never_changes_the_trained_net():
-    probe, net, (x, y), initial = _trained("digits", (32, 32), 3, 0, (0, 1))
+    probe, net, splits, initial = _trained("digits", 3, 0, (0, 1), widths=(32, 32))
+    x, y = splits["test"]
     assert sorted(probe.states) == [0, 1, 3]  # + the final epoch
     kept = probe.states[0]
     assert torch.equal(kept["fc1"][0]["weight"], initial["1.weight"])  # epoch 0 = before any update
@@ -90,29 +91,86 @@ def test_reinit_restores_the_checkpoint_and_probing_never_changes_the_trained_ne
     assert probe.distance["fc1"][0] == 0 and probe.distance["fc1"][3] > probe.distance["fc1"][1] > 0
 
 
-def test_a_conv_and_its_batchnorm_are_rewound_together_on_the_probes_copy():
+def _bn_net_moved_from_its_kept_epoch_0():
+    """(small_vgg with BatchNorm, a probe that kept it at epoch 0); then every parameter and BatchNorm
+    statistic moves, a stand-in for training."""
     torch.manual_seed(0)
     net = build_net("small_vgg", (1, 8, 8), 10, norm="bn")
-    assert list(layers(net)) == ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"]
-    probe = RewindProbe((0,))
+    probe = RewindProbe((0,), bn_stats="rewind")
     probe._keep(net, 0)
-    with torch.no_grad():  # stand-in for training: move every parameter and BatchNorm statistic
+    with torch.no_grad():
         for parameter in net.parameters():
             parameter.add_(0.05)
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.fill_(0.5)
-    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+        for module in batchnorms(net):
+            module.running_mean.fill_(0.5)
+    return net, probe
+
+
+@pytest.mark.parametrize("bn_stats", ["rewind", "recompute"])
+def test_a_conv_and_its_batchnorm_are_rewound_together_on_the_probes_copy(bn_stats):
+    net, probe = _bn_net_moved_from_its_kept_epoch_0()
+    probe.bn_stats = bn_stats
+    assert list(layers(net)) == ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"]
+    x, train_x = torch.randn(64, 1, 8, 8), torch.randn(300, 1, 8, 8) + 1
+    y = predictions(net.eval()(x)).detach()  # labels the net gets right: a changed layer shows
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    result = probe.probe(net, (x, y), 1)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    rewound = build_net("small_vgg", (1, 8, 8), 10, norm="bn")
-    rewound.load_state_dict(before)
-    conv, bn = layers(rewound)["conv2"]
-    conv.load_state_dict(probe.states[0]["conv2"][0])
-    bn.load_state_dict(probe.states[0]["conv2"][1])
-    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
-    assert result["reinit"]["conv2"][0] == error_rate(rewound, x, y)
+    result = probe.probe(net, (x, y), 1, train_x)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # statistics included
+    assert result["bn_stats"] == bn_stats
+    for name in ("conv2", "fc2"):
+        rewound = build_net("small_vgg", (1, 8, 8), 10, norm="bn")
+        rewound.load_state_dict(before)
+        load_layer_state(layers(rewound)[name], probe.states[0][name])
+        bn = layers(rewound)["conv2"][1]
+        if bn_stats == "rewind":  # the statistics as loaded: conv2's BatchNorm back to mean 0 with it, else stale
+            assert torch.equal(bn.running_mean, torch.full((32,), 0.0 if name == "conv2" else 0.5))
+        else:
+            reestimate_batchnorm(rewound, train_x)  # neither epoch 0's 0 nor the stale 0.5
+            assert bn.running_mean.abs().min() > 0 and (bn.running_mean - 0.5).abs().min() > 0
+        assert result["reinit"][name][0] == error_rate(rewound, x, y)
+
+
+def test_reestimated_batchnorm_statistics_are_those_of_the_training_inputs():
+    """One batch: each BatchNorm's running mean and (unbiased) variance are exactly its input's, the
+    earlier BatchNorms normalizing by batch statistics; in equal batches the mean is still exact."""
+    net, _ = _bn_net_moved_from_its_kept_epoch_0()
+    parameters = [p.clone() for p in net.parameters()]
+    train_x = 2 * torch.randn(300, 1, 8, 8) + 1
+    conv1, bn1 = layers(net)["conv1"]
+    conv2, bn2 = layers(net)["conv2"]
+    with torch.no_grad():
+        h1 = conv1(train_x)
+        h2 = conv2(torch.relu(torch.nn.functional.batch_norm(h1, None, None, bn1.weight, bn1.bias, training=True)))
+    for batch_size, exact_var in ((300, True), (100, False)):
+        net.train()  # the re-estimation must leave the whole net in eval mode, momentum back
+        reestimate_batchnorm(net, train_x, batch_size=batch_size)
+        for bn, h in ((bn1, h1), (bn2, h2)):
+            assert torch.allclose(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-4)
+            if exact_var:
+                assert torch.allclose(bn.running_var, h.var(dim=(0, 2, 3)), rtol=1e-4)
+        assert not any(m.training for m in net.modules()) and all(bn.momentum == 0.1 for bn in batchnorms(net))
+    assert all(torch.equal(p, q) for p, q in zip(parameters, net.parameters()))  # only the statistics change
+    noisy = build_net("small_vgg", (1, 8, 8), 10, norm="noisy_bn")  # eval mode has no noise: nor has re-estimation
+    means = []
+    for _ in range(2):
+        reestimate_batchnorm(noisy, train_x)
+        means.append(torch.cat([bn.running_mean for bn in batchnorms(noisy)]))
+    assert torch.equal(*means)
+
+
+def test_batchnorm_nets_rewound_to_epoch_0_are_judged_with_recomputed_statistics():
+    """small_vgg + BN on digits, 4 epochs: re-initializing conv2 to epoch 0 gives test error 0.036 with
+    the statistics recomputed (the default; trained net 0.028) and 0.589 with them rewound (its
+    BatchNorm back to mean 0 and variance 1 stops normalizing in eval mode). Seeds 1, 2: 0.036 and
+    0.031 against 0.897 and 0.631 (trained 0.017, 0.019)."""
+    probe, net, splits, _ = _trained("digits", 4, 0, (0,), model="small_vgg", norm="bn")
+    result = probe.result
+    assert result["bn_stats"] == "recompute" and result["baseline_error"] < 0.05
+    assert result["reinit"]["conv2"][0] - result["baseline_error"] < 0.05, result["reinit"]
+    assert min(result["rerandomize"].values()) > 0.5  # recomputed statistics do not rescue a redrawn layer
+    probe.bn_stats = "rewind"
+    stale = probe.probe(net, splits["test"], 4)
+    assert stale["reinit"]["conv2"][0] > 0.3, stale["reinit"]
 
 
 def test_paper_pattern_first_layer_critical_rerandomization_destroys():
@@ -120,7 +178,7 @@ def test_paper_pattern_first_layer_critical_rerandomization_destroys():
     (0.82-0.97 measured; chance 0.9); re-initializing the first layer to epoch 0 costs 0.29-0.33
     test error, the last hidden layer 0.10-0.12 (baseline 0.11)."""
     for seed in (0, 1, 2):
-        probe, _, _, _ = _trained("mnist5k", (256, 256, 256), 5, seed, (0,))
+        probe, _, _, _ = _trained("mnist5k", 5, seed, (0,), widths=(256, 256, 256))
         result = probe.result
         assert result["baseline_error"] < 0.15
         assert min(result["rerandomize"].values()) > 0.7, (seed, result["rerandomize"])
@@ -144,7 +202,8 @@ def test_cli_end_to_end_summary_heatmap_table_and_depth_sweep(run_pipeline):
     outcome = run_pipeline("layer_robustness", "--dataset", "digits", "--max_epochs", "3", "--checkpoints", "0,1",
                            "--probe_every", "2", "--widths", "32,32", "--depth_width", "32", "--depths", "1,2")
     summary = _check_cli_run(outcome, ["fc1", "fc2", "fc3"], ["0", "1", "3"])
-    assert set(summary) == {"baseline_error", "reinit", "rerandomize", "robust_layers", "depth_sweep"}
+    assert set(summary) == {"baseline_error", "reinit", "rerandomize", "robust_layers", "bn_stats", "depth_sweep"}
+    assert summary["bn_stats"] == "none"  # no BatchNorm in an FCN: nothing to recompute
     assert summary["robust_layers"] == [n for n, e in summary["reinit"].items() if e["0"] <= summary["baseline_error"] + 0.02]
     assert list(summary["depth_sweep"]) == ["1", "2"]
     assert summary["depth_sweep"]["2"]["robust_layers"] == summary["robust_layers"]  # the default net is reused
@@ -158,6 +217,14 @@ def test_cli_end_to_end_summary_heatmap_table_and_depth_sweep(run_pipeline):
     assert [m.step for m in history] == [2, 3]
     assert child.data.metrics["baseline_error"] == summary["baseline_error"]
     assert child.data.metrics["test_acc"] == pytest.approx(1 - summary["baseline_error"])
+
+
+def test_cli_batchnorm_net_reports_its_statistics_mode(run_pipeline):
+    outcome = run_pipeline("layer_robustness", "--dataset", "digits", "--model", "small_vgg", "--norm", "bn",
+                           "--max_epochs", "1", "--checkpoints", "0", "--bn_stats", "rewind")
+    summary = _check_cli_run(outcome, ["conv1", "conv2", "conv3", "conv4", "fc1", "fc2"], ["0", "1"])
+    assert summary["bn_stats"] == "rewind"
+    assert "figures/heatmap_small_vgg.png" in outcome.artifact_paths()
 
 
 def test_cli_ddp_probes_once_on_rank_zero(run_pipeline):
@@ -177,6 +244,7 @@ def test_cli_ddp_probes_once_on_rank_zero(run_pipeline):
     (("--checkpoints", "1,2"), "--checkpoints: must include 0"),
     (("--robust_margin", "-0.1"), "--robust_margin"),
     (("--norm", "bn"), "--norm"),
+    (("--bn_stats", "stale"), "--bn_stats: unknown value 'stale'; choose from recompute, rewind"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(refused, flags, message):
     assert message in refused("layer_robustness", *flags)
