@@ -126,6 +126,12 @@ def code_chunk(params: Params, labels: str, seen: int, end: int, child) -> dict:
             "held_out_loss": kept.best, "epochs": len(trained.history), "num_classes": data.num_classes}
 
 
+def headline(summary: dict) -> str:
+    """Prequential bits against the uniform code, per label set."""
+    return "; ".join(f"{labels} labels {row['prequential_bits']:,.0f} bits vs {row['uniform_bits']:,.0f} uniform "
+                     f"(ratio {row['ratio']:.3f})" for labels, row in summary.items())
+
+
 def run(params: Params, tracking) -> dict:
     reference = datamodule(params, train_subset=params.examples)
     n, num_classes = len(reference.splits["train"][1]), reference.num_classes

@@ -239,6 +239,16 @@ def run(params: Params, tracking) -> dict:
     return summary
 
 
+def headline(summary: dict) -> str:
+    """Where each method's test risk peaks against its interpolation threshold, and where it ends."""
+    parts = []
+    for method, curve in summary.items():
+        peak = max(range(len(curve["sizes"])), key=lambda i: curve["test_risk"][i])
+        parts.append(f"{method}: test risk peaks at {curve['sizes'][peak]:,} ({curve['test_risk'][peak]:.3g}; "
+                     f"threshold {curve['threshold']:,.0f}), ends at {curve['test_risk'][-1]:.3g}")
+    return "; ".join(parts)
+
+
 def _figure(curve: Curve, xlabel: str, norm_label: str | None, title: str):
     """Belkin's panels: test zero-one loss, test squared loss (log), norm (log), training losses; threshold dotted."""
     import matplotlib.pyplot as plt  # after pipelines.figures chose the headless backend

@@ -22,16 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
 import matplotlib.pyplot as plt
 
 from callbacks.rewind_probe import BN_STATS, RewindProbe
-from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule
 from modules.nets import NETS, NORMS, build_net
 from pipelines.figures import line_plot
 from pipelines.params import CommonParams, param, require
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import datamodule, recipe, train
 
 NORM_NETS = ("vgg11", "small_vgg")
 
@@ -71,18 +68,12 @@ class Params(CommonParams):
                 f"only {', '.join(NORM_NETS)} take a norm; {self.model} has its own")
 
 
-def train_and_probe(params: Params, model: str, options: dict, run_id: str | None, tracking_uri: str) -> RewindProbe:
+def train_and_probe(params: Params, model: str, options: dict, child) -> RewindProbe:
     """Trains one net with the rewind probe attached; returns the probe as rank 0 left it."""
-    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
-                                 eval_splits=("test",))
-    datamodule.setup()
-    L.seed_everything(params.seed, verbose=False)
-    net = build_net(model, datamodule.input_shape, datamodule.num_classes, **options)
-    module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, params.momentum, eval_splits=("test",))
+    data = datamodule(params, eval_splits=("test",))
+    net = lambda: build_net(model, data.input_shape, data.num_classes, **options)
     probe = RewindProbe(params.checkpoints, params.probe_every, "test", params.seed, params.bn_stats)
-    job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, params.seed,
-                       [probe], run_id, tracking_uri))
-    return job.callbacks[0]
+    return train(recipe(params, data, net, momentum=params.momentum, callbacks=[probe]), child).callback(RewindProbe)
 
 
 def robustness(result: dict, margin: float) -> dict:
@@ -95,26 +86,34 @@ def robustness(result: dict, margin: float) -> dict:
             "mean_reinit_damage": sum(damage.values()) / len(damage)}
 
 
-def log_probe(tracking, run_id: str, probe: RewindProbe, margin: float, title: str) -> dict:
+def log_probe(child, probe: RewindProbe, margin: float, title: str) -> dict:
     """Logs one training's probe (metrics per probe epoch, table, heatmap); returns its robustness."""
     for result in probe.probes:
         metrics = {"baseline_error": result["baseline_error"]}
         for name, errors in result["reinit"].items():
             metrics.update({f"reinit_error/{name}/epoch_{tau}": e for tau, e in errors.items()})
             metrics[f"rerandomize_error/{name}"] = result["rerandomize"][name]
-        tracking.log_metrics(run_id, metrics, step=result["epoch"])
+        child.log_metrics(metrics, step=result["epoch"])
     for tau in probe.distance[probe.layer_names[0]]:  # step = checkpoint epoch: a curve per layer
         metrics = {}
         for name in probe.layer_names:
             metrics[f"distance_from_init/{name}"] = probe.distance[name][tau]
             metrics[f"relative_distance_from_init/{name}"] = probe.relative_distance[name][tau]
-        tracking.log_metrics(run_id, metrics, step=tau)
+        child.log_metrics(metrics, step=tau)
     scores = robustness(probe.result, margin)
-    tracking.log_metrics(run_id, {"robust_layers": len(scores["robust_layers"]), "robust_share": scores["robust_share"],
-                                  "mean_reinit_damage": scores["mean_reinit_damage"]})
-    tracking.client.log_table(run_id, _table(probe), "layer_robustness_table.json")
-    tracking.log_figure(heatmap(probe, title), "heatmap", run_id=run_id)
+    child.log_metrics({"robust_layers": len(scores["robust_layers"]), "robust_share": scores["robust_share"],
+                       "mean_reinit_damage": scores["mean_reinit_damage"]})
+    child.log_table(_table(probe), "layer_robustness_table.json")
+    child.log_figure(heatmap(probe, title), "heatmap")
     return scores
+
+
+def headline(summary: dict) -> str:
+    """Which layers survive being reset to their initial values, against re-randomization of any layer."""
+    worst_rerandomized = min(summary["rerandomize"].values())
+    return (f"trained test error {summary['baseline_error']:.3f}; robust to re-initialization (epoch 0): "
+            f"{', '.join(summary['robust_layers']) or 'none'} of {len(summary['reinit'])} layers; "
+            f"re-randomizing any layer: test error >= {worst_rerandomized:.3f}")
 
 
 def _table(probe: RewindProbe) -> dict[str, list]:
@@ -190,10 +189,9 @@ def run(params: Params, tracking) -> dict:
     configs = list(dict.fromkeys([main, *depth_configs.values()]))  # the default FCN is also a point of the sweep
     probes: dict[tuple, RewindProbe] = {}
     for index, config in enumerate(configs, start=1):
-        run_id = tracking.child(_label(config), {"model": config[0], **dict(config[1])})
-        probes[config] = probe = train_and_probe(params, config[0], dict(config[1]), run_id, tracking.uri)
-        scores = log_probe(tracking, run_id, probe, params.robust_margin, _label(config))
-        tracking.end_child(run_id)
+        with tracking.child(_label(config), {"model": config[0], **dict(config[1])}) as child:
+            probes[config] = probe = train_and_probe(params, config[0], dict(config[1]), child)
+            scores = log_probe(child, probe, params.robust_margin, _label(config))
         print(f"[{index}/{len(configs)}] {_label(config)}: baseline_error={scores['baseline_error']:.4f} "
               f"robust={scores['robust_layers']} of {len(probe.layer_names)} layers", flush=True)
 

@@ -97,6 +97,14 @@ def run(params: Params, tracking) -> dict:
     return summary
 
 
+def headline(summary: dict) -> str:
+    """The paper's claim in one line: what each condition took to fit, and what it tests at."""
+    parts = [f"{name.replace('_', ' ')} {row['train_acc']:.3f} train / {row['test_acc']:.3f} test"
+             + (f" in {row['steps_to_fit']:,} steps" if row["steps_to_fit"] is not None else " (not fit)")
+             for name, row in summary["conditions"].items()]
+    return "; ".join(parts) or "label noise only: see the table in summary.json"
+
+
 def _figures(params: Params, results: dict, tracking) -> None:
     if params.conditions:
         curves = {c: ([s / 1000 for s in results[c]["curve"][0]], results[c]["curve"][1]) for c in params.conditions}

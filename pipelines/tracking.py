@@ -255,6 +255,9 @@ class ChildRun(str):
     def log_artifact(self, path: str, folder: str | None = None) -> None:
         self.tracking.client.log_artifact(self.id, path, folder)
 
+    def log_figure(self, figure, name: str) -> None:
+        self.tracking.log_figure(figure, name, run_id=self.id)
+
     def set_tag(self, key: str, value) -> None:
         self.tracking.client.set_tag(self.id, key, format_value(value))
 

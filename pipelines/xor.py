@@ -152,6 +152,16 @@ def run(params: Params, tracking) -> dict:
     return summary
 
 
+def headline(summary: dict) -> str:
+    """Mean test accuracy per k, and the clustering initialization against random initialization."""
+    line = ", ".join(f"k={k} test {row['test_acc']:.3f}" for k, row in summary["ks"].items())
+    clustering = summary["clustering_init"]
+    if clustering["clustered_init_test_acc"] is not None:
+        line += (f"; small net from clustered filters {clustering['clustered_init_test_acc']:.3f} "
+                 f"vs random init {clustering['random_init_test_acc']:.3f}")
+    return line
+
+
 def _figures(params: Params, ks: list[int], seeds: list[int], results: dict, tracking) -> None:
     shown = sorted({min(ks), max(ks)})
     figure, axes = plt.subplots(len(shown), 2, figsize=(8, 4 * len(shown)), dpi=120, squeeze=False)
