@@ -9,12 +9,14 @@ seed as the user attribute `seed`, and each seed bisects on its own trials only.
 Near the threshold, whether a trial passes is decided by a few validation images, so pass/fail is
 not monotone in d and the last bracket of one bisection is a noisy answer. `estimate_d_int90` fits
 accuracy against log d with a monotone (isotonic) regression over all trials and reads off where
-the fit crosses the threshold.
+the fit crosses the threshold; when every trial passes (or none does) the crossing lies outside
+the trials and the estimate says it is a bound.
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 import optuna
@@ -71,26 +73,43 @@ class BisectionSampler(optuna.samplers.BaseSampler):
         raise ValueError(f"the bisection sampler proposes only 'd', not {param_name!r}")
 
 
-def estimate_d_int90(points: list[tuple[int, float]], threshold: float) -> float | None:
-    """The d at which a monotone (isotonic, non-decreasing) fit of accuracy against log d first
-    reaches `threshold`, interpolated linearly in log d between the fitted points.
+class Estimate(NamedTuple):
+    """d_int90 read off the trials, and `kind`, what `d` is: "measured" (the fit crosses the
+    threshold between two trials), "at_most" (the fit passes already at the smallest d tried, e.g.
+    every trial passed: d_int90 <= d) or "above" (the fit never passes: d_int90 > d, the largest
+    d tried). Both None without trials."""
 
-    None when the fit stays below the threshold (d_int90 lies above every d tried). When even the
-    smallest d passes, that d is returned: d_int90 is at most that.
+    d: float | None
+    kind: str | None
+
+
+def estimate_d_int90(points: list[tuple[int, float]], threshold: float) -> Estimate:
+    """Where a monotone (isotonic, non-decreasing) fit of accuracy against log d first reaches
+    `threshold`, interpolated linearly in log d between the fitted points.
+
+    When the fit never reaches the threshold, or already reaches it at the smallest d, the
+    crossing lies outside the trials: the answer is that bound, not a measurement.
     """
     if not points:
-        return None
+        return Estimate(None, None)
     log_d = np.log([d for d, _ in points])
     fitted = IsotonicRegression(increasing=True).fit(log_d, [acc for _, acc in points])
     xs, ys = fitted.X_thresholds_, fitted.y_thresholds_  # the fit's knots, sorted by log d
     above = np.nonzero(ys >= threshold - 1e-12)[0]
     if not len(above):
-        return None
+        return Estimate(float(max(d for d, _ in points)), "above")
     k = above[0]
     if k == 0:
-        return float(min(d for d, _ in points))  # exactly, not through exp(log(d))
+        return Estimate(float(min(d for d, _ in points)), "at_most")  # exactly, not through exp(log(d))
     x = xs[k - 1] + (threshold - ys[k - 1]) / (ys[k] - ys[k - 1]) * (xs[k] - xs[k - 1])
-    return float(math.exp(x))
+    return Estimate(float(math.exp(x)), "measured")
+
+
+def describe(d: float | None, kind: str | None) -> str:
+    """'609', '<= 107' or '> 4,545': an estimate as it reads, bound included."""
+    if d is None:
+        return "not tried"
+    return {"measured": "", "at_most": "<= ", "above": "> "}[kind] + f"{d:,.0f}"
 
 
 def isotonic_curve(points: list[tuple[int, float]]) -> tuple[list[float], list[float]]:

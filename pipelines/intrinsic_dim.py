@@ -34,9 +34,11 @@ from modules.classifier import ClassifierModule
 from modules.nets import build_net, count_parameters
 from modules.projections import PROJECTIONS
 from modules.subspace import SubspaceNet
-from pipelines.bisection import BisectionSampler, default_storage, estimate_d_int90, isotonic_curve, open_storage
+from pipelines.bisection import (BisectionSampler, default_storage, describe, estimate_d_int90, isotonic_curve,
+                                 next_d, open_storage)
 from pipelines.figures import line_plot
 from pipelines.params import CommonParams, UsageError, param, require, require_fraction
+from pipelines.redact import mask_url
 from pipelines.tracking import resolve_tracking_uri
 from pipelines.training import Hardware, TrainJob, fit
 
@@ -88,6 +90,9 @@ class Params(CommonParams):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.d_min <= self.d_max, "d_min", f"{self.d_min} is larger than --d_max {self.d_max}")
         require(self.resolution > 0, "resolution", f"must be positive, got {self.resolution}")
+        require(self.mode not in ("bisect", "architectures") or next_d(self.d_min, self.d_max, self.resolution),
+                "d_max", f"the bisection has no d to try between --d_min {self.d_min} and {self.d_max} at "
+                f"--resolution {self.resolution}")
         require_fraction(self.threshold, "threshold", low_open=True)
         require_fraction(self.reference, "reference")
         require(self.baseline_lr > 0, "baseline_lr", f"must be positive, got {self.baseline_lr}")
@@ -103,7 +108,7 @@ class Params(CommonParams):
             try:  # an unreachable database is bad input: found here, before any run exists
                 open_storage(self.storage_url())
             except Exception as error:  # noqa: BLE001 (drivers raise anything)
-                raise UsageError("storage", f"cannot open {self.storage_url()!r}: "
+                raise UsageError("storage", f"cannot open {mask_url(self.storage_url())!r}: "
                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
     def _validate_sizes(self) -> None:
@@ -232,7 +237,7 @@ def bisect(params: Params, tracking, label: str = "") -> tuple[dict, list[dict]]
         study.set_user_attr("D", D)
     baseline_acc, D = study.user_attrs["baseline_acc"], study.user_attrs["D"]
     threshold_acc = params.threshold * baseline_acc
-    print(f"{label}study {study_name!r} in {params.storage_url()}: threshold {params.criterion} "
+    print(f"{label}study {study_name!r} in {mask_url(params.storage_url())}: threshold {params.criterion} "
           f"{threshold_acc:.4f} = {params.threshold} x {baseline_acc:.4f}", flush=True)
 
     seeds = list(range(params.seed, params.seed + params.seeds))
@@ -250,8 +255,11 @@ def bisect(params: Params, tracking, label: str = "") -> tuple[dict, list[dict]]
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
             passed = result["acc"] >= threshold_acc
-            for key, value in {"passed": passed, "acc": result["acc"], "test_acc": result["test_acc"],
-                               "epochs": result["epochs"], "mlflow_run_id": result["run_id"]}.items():
+            # The trial's value is its criterion accuracy; its user attributes name it (val_acc or train_acc)
+            # beside the threshold, so optuna-dashboard's trial table reads on its own.
+            for key, value in {"passed": passed, params.criterion: result["acc"], "threshold_acc": threshold_acc,
+                               "test_acc": result["test_acc"], "epochs": result["epochs"],
+                               "mlflow_run_id": result["run_id"]}.items():
                 trial.set_user_attr(key, value)
             study.tell(trial, result["acc"])
             lo, hi = sampler.bracket(study)
@@ -260,19 +268,23 @@ def bisect(params: Params, tracking, label: str = "") -> tuple[dict, list[dict]]
 
     trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
               if t.user_attrs.get("seed") in seeds]
-    rows = [{"d": t.params["d"], "acc": t.user_attrs["acc"], "passed": t.user_attrs["passed"],
+    rows = [{"d": t.params["d"], "acc": t.value, "passed": t.user_attrs["passed"],
              "seed": t.user_attrs["seed"], "trial": t.number, "test_acc": t.user_attrs["test_acc"],
              "epochs": t.user_attrs["epochs"], "mlflow_run_id": t.user_attrs["mlflow_run_id"]} for t in trials]
     return _summary(rows, seeds, baseline_acc, threshold_acc, D), rows
 
 
 def _summary(rows: list[dict], seeds: list[int], baseline_acc: float, threshold_acc: float, D: int) -> dict:
-    """The summary of a set of trials: d_int90 from a monotone fit over all of them, and per seed."""
-    points = lambda rs: [(r["d"], r["acc"]) for r in rs]
-    per_seed = [{"seed": s, "d_int90": estimate_d_int90(points([r for r in rows if r["seed"] == s]), threshold_acc)}
-                for s in seeds]
-    return {"d_int90": estimate_d_int90(points(rows), threshold_acc), "D": D, "baseline_acc": baseline_acc,
-            "threshold_acc": threshold_acc, "seeds": per_seed,
+    """The summary of a set of trials: d_int90 from a monotone fit over all of them, and per seed.
+
+    `d_int90_is` says whether d_int90 was "measured" or is a bound: "at_most" when even the
+    smallest d tried passes, "above" when no d tried does."""
+    def d_int90(rs: list[dict]) -> dict:
+        d, kind = estimate_d_int90([(r["d"], r["acc"]) for r in rs], threshold_acc)
+        return {"d_int90": d, "d_int90_is": kind}
+
+    per_seed = [{"seed": s, **d_int90([r for r in rows if r["seed"] == s])} for s in seeds]
+    return {**d_int90(rows), "D": D, "baseline_acc": baseline_acc, "threshold_acc": threshold_acc, "seeds": per_seed,
             "trials": [{"d": r["d"], "acc": r["acc"], "passed": r["passed"]} for r in rows]}
 
 
@@ -316,9 +328,10 @@ def architecture_sweep(params: Params, tracking) -> dict:
         name = "fc " + "-".join(map(str, arch.widths))
         result, trials = bisect(arch, tracking, label=f"{name}: ")
         rows.append({"widths": list(arch.widths), **{k: result[k] for k in
-                                                     ("D", "d_int90", "baseline_acc", "threshold_acc", "seeds")}})
+                                                     ("D", "d_int90", "d_int90_is", "baseline_acc", "threshold_acc",
+                                                      "seeds")}})
         _log_bisect_figure(arch, result, trials, tracking, f"d_int90_{name.replace(' ', '_')}")
-    found = [r["d_int90"] for r in rows if r["d_int90"] is not None]
+    found = [r["d_int90"] for r in rows if r["d_int90_is"] == "measured"]
     ratio = lambda xs: max(xs) / min(xs) if xs else None
     return {"architectures": rows, "d_int90_ratio": ratio(found), "D_ratio": ratio([r["D"] for r in rows])}
 
@@ -341,8 +354,10 @@ def run(params: Params, tracking) -> dict:
     result, rows = bisect(params, tracking) if params.mode == "bisect" else sweep(params, tracking)
     if rows:  # every trial with its seed, epochs, test accuracy and child run, as a table in the UI
         tracking.client.log_table(tracking.parent_id, {k: [r[k] for r in rows] for k in rows[0]}, "trials.json")
-    found = [s["d_int90"] for s in result["seeds"] if s["d_int90"] is not None]
-    tracking.log_metrics(None, {k: result[k] for k in ("d_int90", "D", "baseline_acc", "threshold_acc")} |
+    # A bound is logged under its own name (d_int90_at_most, d_int90_above), never as d_int90.
+    found = [s["d_int90"] for s in result["seeds"] if s["d_int90_is"] == "measured"]
+    d_int90 = "d_int90" if result["d_int90_is"] == "measured" else f"d_int90_{result['d_int90_is']}"
+    tracking.log_metrics(None, {d_int90: result["d_int90"]} | {k: result[k] for k in ("D", "baseline_acc", "threshold_acc")} |
                          ({"d_int90_min": min(found), "d_int90_max": max(found)} if found else {}))
     _log_bisect_figure(params, result, rows, tracking,
                        "fig6_accuracy_vs_d" if params.mode == "sweep" else "d_int90_bisection")
@@ -351,15 +366,22 @@ def run(params: Params, tracking) -> dict:
 
 
 def _report(params: Params, result: dict) -> None:
-    per_seed = ", ".join(f"{s['seed']}: {_fmt(s['d_int90'])}" for s in result["seeds"])
-    print(f"d_int90 = {_fmt(result['d_int90'])} (D = {result['D']:,}; per seed {per_seed}); "
+    per_seed = ", ".join(f"{s['seed']}: {describe(s['d_int90'], s['d_int90_is'])}" for s in result["seeds"])
+    print(f"{_d_int90_label(result)} (D = {result['D']:,}; per seed {per_seed}); "
           f"baseline {result['baseline_acc']:.4f}, threshold {result['threshold_acc']:.4f}", flush=True)
-    if result["d_int90"] is None:
-        print(f"no d up to {params.d_max} reached the threshold: raise --d_max or --max_epochs", flush=True)
+    bounded = {s["d_int90_is"] for s in [result, *result["seeds"]]}
+    if "at_most" in bounded:
+        print(f"<= is a bound, not a measurement: the smallest d tried already passes; lower --d_min "
+              f"({params.d_min}) to measure d_int90", flush=True)
+    if "above" in bounded:
+        print(f"> is a bound, not a measurement: no d up to {params.d_max} reached the threshold; raise --d_max "
+              f"or --max_epochs", flush=True)
 
 
-def _fmt(d: float | None) -> str:
-    return "not reached" if d is None else f"{d:,.0f}"
+def _d_int90_label(summary: dict) -> str:
+    """'d_int90 = 609', or a bound: 'd_int90 <= 107', 'd_int90 > 4,545'."""
+    kind = summary["d_int90_is"]
+    return f"d_int90 {'= ' if kind == 'measured' else ''}{describe(summary['d_int90'], kind)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +397,7 @@ def _log_bisect_figure(params: Params, result: dict, rows: list[dict], tracking,
     styles = {"passed trials": {"linestyle": "none", "color": "tab:green"},
               "failed trials": {"linestyle": "none", "color": "tab:red", "marker": "x"},
               "monotone fit": {"marker": None, "color": "tab:blue"}}
-    vlines = {} if result["d_int90"] is None else {f"d_int90 = {result['d_int90']:,.0f}": result["d_int90"]}
+    vlines = {} if result["d_int90"] is None else {_d_int90_label(result): result["d_int90"]}
     accuracy = "training accuracy" if params.criterion == "train_acc" else "validation accuracy"
     corruption = "" if params.corruption == "none" else f" ({params.corruption})"
     title = f"{'Fig. 6: ' if name.startswith('fig6') else ''}{params.model} on {params.dataset}{corruption}, D = {result['D']:,}"
@@ -399,7 +421,7 @@ def _log_efficiency_figure(params: Params, summary: dict, tracking) -> None:
 def _log_architectures_figure(summary: dict, tracking) -> None:
     series = {}
     for depth in sorted({len(r["widths"]) for r in summary["architectures"]}):
-        rows = [r for r in summary["architectures"] if len(r["widths"]) == depth and r["d_int90"] is not None]
+        rows = [r for r in summary["architectures"] if len(r["widths"]) == depth and r["d_int90_is"] == "measured"]
         series[f"{depth} hidden layer{'s' if depth > 1 else ''}"] = ([r["D"] for r in rows],
                                                                      [r["d_int90"] for r in rows])
     ratio = summary["d_int90_ratio"]

@@ -7,8 +7,8 @@ import math
 import optuna
 import pytest
 
-from pipelines.bisection import (BisectionSampler, bracket, default_storage, estimate_d_int90, next_d,
-                                 open_storage)
+from pipelines.bisection import (BisectionSampler, Estimate, bracket, default_storage, describe, estimate_d_int90,
+                                 next_d, open_storage)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 D_MIN, D_MAX, RESOLUTION = 100, 5000, 0.1
@@ -75,17 +75,20 @@ def test_d_int90_follows_the_monotone_fit_not_a_lucky_or_unlucky_trial():
     trials = [(100, 0.50), (150, 0.905),  # a lucky pass far below the rest: pooled away
               (200, 0.70), (400, 0.91), (500, 0.87), (600, 0.88),  # 400 passes, 500-600 fail: not monotone
               (800, 0.93), (1600, 0.95)]
-    d_int90 = estimate_d_int90(trials, threshold)
+    d_int90, kind = estimate_d_int90(trials, threshold)
     # The fit pools 150-600 below the threshold and crosses it between 600 and 800, interpolated in log d.
-    assert 600 < d_int90 < 800
-    assert estimate_d_int90(trials[::-1], threshold) == pytest.approx(d_int90)  # order does not matter
-    assert 600 < estimate_d_int90(trials + [(700, 0.95)], threshold) < d_int90  # a pass at 700 moves it down
+    assert 600 < d_int90 < 800 and kind == "measured"
+    assert estimate_d_int90(trials[::-1], threshold).d == pytest.approx(d_int90)  # order does not matter
+    assert 600 < estimate_d_int90(trials + [(700, 0.95)], threshold).d < d_int90  # a pass at 700 moves it down
 
 
-def test_d_int90_when_nothing_or_everything_passes():
-    assert estimate_d_int90([(100, 0.5), (1000, 0.8)], 0.9) is None
-    assert estimate_d_int90([(100, 0.95), (1000, 0.97)], 0.9) == pytest.approx(100)
-    assert estimate_d_int90([], 0.9) is None
+def test_d_int90_is_a_bound_when_nothing_or_everything_passes():
+    # No d tried passes: d_int90 lies above the largest; every d passes: it is at most the smallest.
+    assert estimate_d_int90([(100, 0.5), (1000, 0.8), (300, 0.7)], 0.9) == Estimate(1000, "above")
+    assert estimate_d_int90([(1000, 0.97), (100, 0.95), (300, 0.96)], 0.9) == Estimate(100, "at_most")
+    assert estimate_d_int90([], 0.9) == Estimate(None, None)
+    assert [describe(*e) for e in (Estimate(609.4, "measured"), Estimate(100, "at_most"), Estimate(4545, "above"))] == \
+        ["609", "<= 100", "> 4,545"]
 
 
 def test_default_storage_sits_beside_the_mlflow_database():

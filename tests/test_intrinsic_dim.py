@@ -1,13 +1,15 @@
 """The intrinsic_dim entry point end to end, through the real CLI, on `digits` with a tiny budget."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import optuna
 import pytest
 
 from pipelines.bisection import open_storage
+from pipelines.intrinsic_dim import Params, _log_bisect_figure
 
 TINY = ("--dataset", "digits", "--max_epochs", "4", "--d_min", "30", "--d_max", "1000", "--resolution", "1")
-SUMMARY_KEYS = {"d_int90", "D", "baseline_acc", "threshold_acc", "seeds", "trials"}
+SUMMARY_KEYS = {"d_int90", "d_int90_is", "D", "baseline_acc", "threshold_acc", "seeds", "trials"}
 
 
 def trainings(run) -> list[str]:
@@ -23,14 +25,15 @@ def test_bisect_logs_every_trial_and_resumes_without_training_again(run_pipeline
     assert summary["D"] == 64 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10  # FC 64-200-200-10
     assert summary["threshold_acc"] == pytest.approx(0.9 * summary["baseline_acc"])
     assert summary["baseline_acc"] > 0.8
-    assert [s["seed"] for s in summary["seeds"]] == [0, 1] and all(set(s) == {"seed", "d_int90"} for s in summary["seeds"])
+    assert [s["seed"] for s in summary["seeds"]] == [0, 1]
+    assert all(set(s) == {"seed", "d_int90", "d_int90_is"} for s in summary["seeds"])
     # Three bisection steps per seed reach hi / lo <= 2 from 1000 / 30; each is a child, plus the direct net.
     assert len(summary["trials"]) == 6 and len(first.children) == 7
     assert "direct" in trainings(first)
     for trial in summary["trials"]:
         assert set(trial) == {"d", "acc", "passed"} and trial["passed"] == (trial["acc"] >= summary["threshold_acc"])
     assert any(t["passed"] for t in summary["trials"]) and any(not t["passed"] for t in summary["trials"])
-    assert 30 < summary["d_int90"] < 1000
+    assert 30 < summary["d_int90"] < 1000 and summary["d_int90_is"] == "measured"
     metrics = first.parent.data.metrics
     assert metrics["d_int90"] == pytest.approx(summary["d_int90"]) and metrics["D"] == summary["D"]
     assert {"baseline_acc", "threshold_acc"} <= set(metrics)
@@ -48,6 +51,36 @@ def test_bisect_logs_every_trial_and_resumes_without_training_again(run_pipeline
     assert again.summary() == summary
     studies = optuna.get_all_study_summaries(open_storage(storage))
     assert len(studies) == 1 and studies[0].n_trials == 6
+    # What optuna-dashboard shows of a trial: d as its parameter, the rest as user attributes.
+    study = optuna.load_study(study_name=studies[0].study_name, storage=open_storage(storage))
+    for trial, row in zip(study.trials, summary["trials"]):
+        assert trial.params == {"d": row["d"]} and trial.value == row["acc"]
+        assert {"seed", "val_acc", "passed", "threshold_acc", "test_acc", "epochs", "mlflow_run_id"} <= set(trial.user_attrs)
+        assert trial.user_attrs["val_acc"] == row["acc"] and trial.user_attrs["passed"] == row["passed"]
+        assert trial.user_attrs["threshold_acc"] == summary["threshold_acc"]
+
+
+@pytest.mark.parametrize("threshold, kind, shown", [("0.01", "at_most", "d_int90 <= 55"),  # every trial passes
+                                                    ("1", "above", "d_int90 > 55")])  # none does
+def test_d_int90_outside_the_trials_is_reported_as_a_bound(run_pipeline, capsys, threshold, kind, shown):
+    # One trial, at d = 55 (the midpoint of 30-100 at resolution 1), one epoch, against --reference 1.
+    run = run_pipeline("intrinsic_dim", *TINY, "--max_epochs", "1", "--d_max", "100", "--seeds", "1",
+                       "--reference", "1", "--threshold", threshold)
+    assert run.exit_code == 0
+    summary = run.summary()
+    assert [t["d"] for t in summary["trials"]] == [55]
+    assert (summary["d_int90"], summary["d_int90_is"]) == (55, kind)
+    assert summary["seeds"] == [{"seed": 0, "d_int90": 55, "d_int90_is": kind}]
+    metrics = run.parent.data.metrics
+    assert "d_int90" not in metrics and metrics[f"d_int90_{kind}"] == 55  # a bound is never logged as d_int90
+    out = capsys.readouterr().out
+    assert f"{shown} (D = 55,210; per seed 0: {shown.split(' ', 1)[1]})" in out and "a bound, not a measurement" in out
+
+    figures = []
+    tracking = type("Figures", (), {"log_figure": lambda self, figure, name: figures.append(figure)})()
+    _log_bisect_figure(Params(dataset="digits"), summary, summary["trials"], tracking, "d_int90_bisection")
+    assert shown in [text.get_text() for text in figures[0].axes[0].texts]  # the vertical line's label
+    plt.close(figures[0])
 
 
 def test_other_modes_write_their_figures_and_summaries(run_pipeline):
@@ -78,6 +111,7 @@ def test_other_modes_write_their_figures_and_summaries(run_pipeline):
 @pytest.mark.parametrize("flags, flag", [
     (("--d_min", "500", "--d_max", "100"), "--d_min"),
     (("--d_max", "100000"), "--d_max"),  # digits FC: D = 55,210
+    (("--d_min", "100", "--d_max", "105"), "--d_max"),  # within --resolution 0.1: no d to try
     (("--projection", "gaussian"), "--projection"),
     (("--threshold", "0"), "--threshold"),
     (("--threshold", "1.5"), "--threshold"),
@@ -101,7 +135,8 @@ def test_ddp_gives_one_study_and_the_single_process_answer(run_pipeline, tmp_pat
     studies = optuna.get_all_study_summaries(open_storage(f"sqlite:///{tmp_path / 'ddp.db'}"))
     assert len(studies) == 1 and studies[0].n_trials == 1 and len(ddp.children) == 1
     a, b = single.summary(), ddp.summary()
-    assert a["d_int90"] == b["d_int90"] == 200  # both passed at d = 200
+    assert a["d_int90"] == b["d_int90"] == 200  # both passed at d = 200, the only d tried: a bound
+    assert a["d_int90_is"] == b["d_int90_is"] == "at_most"
     assert b["trials"][0]["acc"] == pytest.approx(a["trials"][0]["acc"], abs=0.01)  # same global batch, same steps
 
 

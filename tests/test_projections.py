@@ -79,6 +79,18 @@ def test_sparse_density_per_layer_block():
         build_projection("sparse", 4, 10, seed=0, layer_sizes=[3, 3])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_each_block_gets_its_size_share_of_a_column(name):
+    # A weight block, two biases and a tiny output bias, like a net's tensors: in expectation each
+    # block holds size / D of a column's squared norm, as for dense, whatever the sparse density.
+    sizes = [10_000, 400, 100, 10]
+    matrix = columns(build_projection(name, 200, sum(sizes), seed=8, layer_sizes=sizes))
+    squared = matrix.pow(2)
+    for block, size in zip(squared.split(sizes), sizes):
+        share = block.sum(dim=0).mean().item()
+        assert share == pytest.approx(size / sum(sizes), rel=0.15), (size, share)
+
+
 @pytest.mark.parametrize("d, D", [(5, 37), (40, 37), (8, 64)])
 def test_fastfood_equals_explicit_matrix(d, D):
     projection = FastfoodProjection(d, D, seed=4).double()
