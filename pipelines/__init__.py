@@ -5,7 +5,8 @@ flags) and `run(params, tracking) -> summary`; `python -m pipelines <name> --fla
 """
 import importlib
 
-NAMES = ("intrinsic_dim", "randomization", "bn_smoothness", "lottery_ticket", "memorization", "layer_robustness", "xor", "description_length", "double_descent")
+NAMES = ("intrinsic_dim", "randomization", "bn_smoothness", "lottery_ticket", "memorization", "layer_robustness", "xor",
+         "description_length", "double_descent")
 
 
 def load(name: str):

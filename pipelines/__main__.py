@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = load(name)
     try:
         params = parse(pipeline.Params, argv[1:], prog=prog)
+        params.preflight()  # what needs the data, a net or a storage: still before any run exists
         with Tracking(name, params) as tracking:
             summary = pipeline.run(params, tracking)
             tracking.log_summary(summary)

@@ -40,7 +40,8 @@ DOUBLING = tuple(round(0.001 * 2 ** i, 3) for i in range(10)) + (1.0,)  # 0.001,
 class Params(CommonParams):
     """Blier & Ollivier 2018: prequential code length of true and random labels."""
 
-    dataset: str = param("digits", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, cifar10)")
+    dataset: str = param("digits", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, "
+                                   "cifar10)")
     max_epochs: int = param(200, "epoch budget of each chunk's training (early stopping usually ends it first)")
     batch_size: int = param(64, "mini-batch size")
     lr: float = param(0.001, "learning rate")
@@ -59,7 +60,8 @@ class Params(CommonParams):
         require_fraction(self.chunks, "chunks", low_open=True)
         require(all(a < b for a, b in zip(self.chunks, self.chunks[1:])), "chunks",
                 f"boundaries must increase strictly, got {','.join(map(str, self.chunks))}")
-        require(self.chunks[-1] == 1.0, "chunks", f"the last boundary must be 1.0 (the whole training set), got {self.chunks[-1]}")
+        require(self.chunks[-1] == 1.0, "chunks",
+                f"the last boundary must be 1.0 (the whole training set), got {self.chunks[-1]}")
         require(bool(self.labels), "labels", "nothing to run: give true, random or both")
         require(self.examples >= 0, "examples", f"must be 0 (all) or a positive count, got {self.examples}")
         require(0 < self.holdout < 1, "holdout", f"{self.holdout} is outside (0, 1)")

@@ -64,13 +64,8 @@ class Params(CommonParams):
 
     def validate(self) -> None:
         super().validate()
-        from datamodules.sources import load
-
         require(bool(self.methods), "methods", f"nothing to run; choose from {', '.join(METHODS)}")
         require(len(set(self.methods)) == len(self.methods), "methods", f"{','.join(self.methods)} repeats a method")
-        available = len(load(self.dataset, self.data_dir, self.download, self.seed).y_train)
-        require(2 <= self.n <= available, "n",
-                f"{self.n} is outside [2, {available}], the size of {self.dataset}'s training set")
         require(self.sigma >= 0, "sigma", f"must be positive (or 0 for the median pairwise distance), got {self.sigma}")
         require(self.momentum >= 0, "momentum", f"must be non-negative, got {self.momentum}")
         sweeps = {"rff": ("rff_features",), "nn": ("nn_parameters",), "forest": ("forest_leaves", "forest_trees")}
@@ -80,6 +75,12 @@ class Params(CommonParams):
             require(all(v > 0 for v in getattr(self, flag)), flag, "sizes must be positive")
         require_fraction(self.forest_leaves, "forest_leaves", low_open=True)
         require(all(t >= 1 for t in self.forest_trees), "forest_trees", "numbers of trees must be at least 1")
+
+    def preflight(self) -> None:
+        super().preflight()
+        available = len(self.arrays().y_train)
+        require(2 <= self.n <= available, "n",
+                f"{self.n} is outside [2, {available}], the size of {self.dataset}'s training set")
 
 
 def risks(outputs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

@@ -24,13 +24,10 @@ import json
 import statistics
 from dataclasses import dataclass
 
-import lightning as L
 import optuna
 
 from callbacks.stopping import stop_when
 from datamodules.corruption import Corruption
-from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule
 from modules.nets import build_net, count_parameters
 from modules.projections import PROJECTIONS
 from modules.subspace import SubspaceNet
@@ -40,7 +37,7 @@ from pipelines.figures import line_plot
 from pipelines.params import CommonParams, UsageError, param, require, require_fraction
 from pipelines.redact import mask_url
 from pipelines.tracking import resolve_tracking_uri
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import datamodule, recipe, train
 
 MODES = ("bisect", "sweep", "efficiency", "architectures")
 CORRUPTIONS = ("none", "shuffled_pixels", "random_labels")
@@ -49,6 +46,9 @@ CORRUPTIONS = ("none", "shuffled_pixels", "random_labels")
 # it draws the validation split and the corruption that the baseline and every trial share.)
 NOT_IN_STUDY = ("mode", "seeds", "d_min", "d_max", "resolution", "storage", "study_name", "tracking_uri",
                 "experiment_name", "data_dir", "download", "ds", "direct_widths", "arch_widths", "arch_depths")
+
+
+RUN_NAME_FIELDS = ("mode", "model", "dataset", "projection")  # e.g. "intrinsic_dim bisect fc mnist5k fastfood"
 
 
 @dataclass
@@ -103,7 +103,10 @@ class Params(CommonParams):
             values = getattr(self, name)
             require(all(v >= 1 for v in values), name, f"must be positive integers, got {values}")
         require(bool(self.ds) or self.mode != "sweep", "ds", "--mode sweep needs at least one d")
-        self._validate_sizes()
+
+    def preflight(self) -> None:
+        super().preflight()
+        self._check_sizes()
         if self.mode in ("bisect", "architectures"):
             try:  # an unreachable database is bad input: found here, before any run exists
                 open_storage(self.storage_url())
@@ -111,7 +114,7 @@ class Params(CommonParams):
                 raise UsageError("storage", f"cannot open {mask_url(self.storage_url())!r}: "
                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
-    def _validate_sizes(self) -> None:
+    def _check_sizes(self) -> None:
         """Every d asked for must fit in the D of the net it projects into."""
         D = D_of(self)
         if self.mode == "bisect":
@@ -172,43 +175,36 @@ def architectures(params: Params) -> list[Params]:
 # One training
 
 
-def train(params: Params, d: int | None, seed: int, run_id: str | None, tracking_uri: str,
-          stop_at: float | None = None) -> dict:
+def train_net(params: Params, d: int | None, seed: int, child, stop_at: float | None = None) -> dict:
     """Trains the net directly (d None, at --baseline_lr) or in a random d-dimensional subspace.
 
     The data (validation split, corruption, batch order) comes from --seed, the same for every
     trial; `seed` draws the net's initialization theta0 and the projection. `acc` is the best
     criterion accuracy over the epochs; with `stop_at` the training stops once it reaches that.
     """
-    eval_splits = ("val", "test") if params.val_fraction > 0 else ("test",)
-    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
-                                 val_fraction=params.val_fraction, corruption=Corruption(params.corruption),
-                                 eval_splits=eval_splits)
-    datamodule.setup()
-    L.seed_everything(seed, verbose=False)
-    net = build_net_for(params, datamodule.input_shape, datamodule.num_classes)
-    if d is not None:
-        net = SubspaceNet(net, d, params.projection, seed)
-    lr = params.lr if d is not None else params.baseline_lr
-    module = ClassifierModule(net, "cross_entropy", params.optimizer, lr, eval_splits=eval_splits)
+    data = datamodule(params, val_fraction=params.val_fraction, corruption=Corruption(params.corruption))
+
+    def net():
+        native = build_net_for(params, data.input_shape, data.num_classes)
+        return native if d is None else SubspaceNet(native, d, params.projection, seed)
+
     callbacks = [stop_when(params.criterion, stop_at)] if stop_at is not None else []
-    job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, seed, callbacks,
-                       run_id, tracking_uri))
-    history = job.module.history
+    lr = params.lr if d is not None else params.baseline_lr
+    trained = train(recipe(params, data, net, seed=seed, lr=lr, callbacks=callbacks), child)
+    history = trained.history
     best = max(history, key=lambda h: h[params.criterion])
     return {"acc": best[params.criterion], "test_acc": history[-1]["test_acc"], "epochs": len(history),
-            "D": net.D if d is not None else count_parameters(net)}
+            "D": trained.net.D if d is not None else count_parameters(trained.net)}
 
 
 def train_child(params: Params, tracking, name: str, d: int | None, seed: int, stop_at: float | None = None,
                 extra: dict | None = None) -> dict:
-    """`train` inside its own child run, which ends with the metrics acc, test_acc, epochs."""
-    run_id = tracking.child(name, {"d": "direct" if d is None else d, "seed": seed, "widths": params.widths,
-                                   "model": params.model, **(extra or {})})
-    result = train(params, d, seed, run_id, tracking.uri, stop_at)
-    tracking.log_metrics(run_id, {k: result[k] for k in ("acc", "test_acc", "epochs")})
-    tracking.end_child(run_id)
-    return {**result, "run_id": run_id}
+    """`train_net` inside its own child run, which ends with the metrics acc, test_acc, epochs."""
+    with tracking.child(name, {"d": "direct" if d is None else d, "seed": seed, "widths": params.widths,
+                               "model": params.model, **(extra or {})}) as child:
+        result = train_net(params, d, seed, child, stop_at)
+        child.log_metrics({k: result[k] for k in ("acc", "test_acc", "epochs")})
+    return {**result, "run_id": child.id}
 
 
 def baseline(params: Params, tracking, label: str = "") -> tuple[float, int]:
@@ -353,7 +349,7 @@ def run(params: Params, tracking) -> dict:
         return summary
     result, rows = bisect(params, tracking) if params.mode == "bisect" else sweep(params, tracking)
     if rows:  # every trial with its seed, epochs, test accuracy and child run, as a table in the UI
-        tracking.client.log_table(tracking.parent_id, {k: [r[k] for r in rows] for k in rows[0]}, "trials.json")
+        tracking.log_table({k: [r[k] for r in rows] for k in rows[0]}, "trials.json")
     # A bound is logged under its own name (d_int90_at_most, d_int90_above), never as d_int90.
     found = [s["d_int90"] for s in result["seeds"] if s["d_int90_is"] == "measured"]
     d_int90 = "d_int90" if result["d_int90_is"] == "measured" else f"d_int90_{result['d_int90_is']}"
@@ -376,6 +372,21 @@ def _report(params: Params, result: dict) -> None:
     if "above" in bounded:
         print(f"> is a bound, not a measurement: no d up to {params.d_max} reached the threshold; raise --d_max "
               f"or --max_epochs", flush=True)
+
+
+def headline(summary: dict) -> str:
+    """The run's result in one line, per mode: d_int90 with its spread over seeds and the baseline."""
+    if "architectures" in summary:
+        ratio = summary["d_int90_ratio"]
+        return (f"d_int90 of {len(summary['architectures'])} FC nets varies {ratio:.2f}x while D varies "
+                f"{summary['D_ratio']:.1f}x" if ratio else "d_int90 of the FC nets: no net measured")
+    if "points" in summary:
+        wins = sum(p["subspace_acc"] > p["direct_acc"] for p in summary["points"])
+        return (f"subspace training beats a direct net of as many parameters in {wins} of "
+                f"{len(summary['points'])} pairs (baseline {summary['baseline_acc']:.3f})")
+    measured = [s["d_int90"] for s in summary["seeds"] if s["d_int90_is"] == "measured"]
+    spread = f" ({min(measured):,}-{max(measured):,} over {len(measured)} seeds)" if len(measured) > 1 else ""
+    return f"{_d_int90_label(summary)}{spread}, baseline {summary['baseline_acc']:.3f}, D = {summary['D']:,}"
 
 
 def _d_int90_label(summary: dict) -> str:

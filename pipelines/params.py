@@ -62,7 +62,8 @@ def format_value(value) -> str:
 
 
 def parse(cls, argv: list[str], prog: str):
-    """Parse `argv` into an instance of the dataclass `cls`, then run its `validate()`."""
+    """Parse `argv` into an instance of the dataclass `cls`, then run its `validate()` (value checks; the
+    checks that load data or build nets are `preflight()`, which the caller runs before any run exists)."""
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
     converters = {}
     for f in dataclasses.fields(cls):
@@ -118,7 +119,8 @@ def require_fraction(values, flag: str, low_open: bool = False) -> None:
 class CommonParams:
     """Flags that every pipeline has."""
 
-    dataset: str = param("mnist5k", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, cifar10)")
+    dataset: str = param("mnist5k", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, "
+                                    "cifar10)")
     data_dir: str = param("data", "folder holding torchvision datasets")
     download: bool = param(False, "download torchvision datasets into --data_dir when missing")
     seed: int = param(0, "random seed (data corruption, initialization, batching)")
@@ -137,7 +139,8 @@ class CommonParams:
                                  "of the parent run, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10)")
 
     def validate(self) -> None:
-        from datamodules.sources import EMBEDDED, SOURCES, DataUnavailable, load  # late: keeps --help fast
+        """Checks of the values alone (fast; `parse` runs it)."""
+        from datamodules.sources import SOURCES  # late: keeps --help fast
 
         require(self.dataset in SOURCES, "dataset", f"unknown dataset {self.dataset!r}; choose from {', '.join(SOURCES)}")
         for name in ("max_epochs", "batch_size", "devices", "num_nodes"):
@@ -149,14 +152,28 @@ class CommonParams:
         require(self.strategy in ("auto", "ddp", "ddp_find_unused_parameters_true"), "strategy",
                 f"unknown strategy {self.strategy!r}; choose from auto, ddp (every training already runs as "
                 f"its own process group, so ddp_spawn is not needed)")
-        if self.dataset not in EMBEDDED:  # missing files are bad input, found before any run exists
-            try:
-                load(self.dataset, self.data_dir, self.download, self.seed)
-            except DataUnavailable as error:
-                raise UsageError("data_dir", str(error)) from None
         require(self.devices <= available_devices(self.accelerator), "devices",
                 f"{self.devices} requested but this machine has {available_devices(self.accelerator)} "
                 f"{'CPU cores' if resolved_accelerator(self.accelerator) == 'cpu' else 'GPUs'}")
+
+    def preflight(self) -> None:
+        """Checks that need the data, a net or a storage: run once, before any MLflow run exists, so that
+        what cannot work is bad input (a pipeline extends it; `arrays()` loads the dataset once)."""
+        from datamodules.sources import EMBEDDED
+
+        if self.dataset not in EMBEDDED:  # missing files are bad input
+            self.arrays()
+
+    def arrays(self):
+        """The dataset's arrays (cached: several preflight checks look at them)."""
+        from datamodules.sources import DataUnavailable, load
+
+        if getattr(self, "_arrays", None) is None:
+            try:
+                self._arrays = load(self.dataset, self.data_dir, self.download, self.seed)
+            except DataUnavailable as error:
+                raise UsageError("data_dir", str(error)) from None
+        return self._arrays
 
 
 def resolved_accelerator(accelerator: str) -> str:

@@ -201,6 +201,9 @@ class Tracking:
     def log_dict(self, data: dict, path: str, run_id: str | None = None) -> None:
         self.client.log_dict(run_id or self.parent_id, data, path)
 
+    def log_table(self, data: dict, path: str, run_id: str | None = None) -> None:
+        self.client.log_table(run_id or self.parent_id, data, path)
+
     def log_figure(self, figure, name: str, run_id: str | None = None) -> None:
         """Saves a matplotlib figure as `figures/<name>.png` on the parent (or `run_id`) and closes it."""
         import matplotlib.pyplot as plt
@@ -250,7 +253,7 @@ class ChildRun(str):
         self.tracking.log_dict(data, path, self.id)
 
     def log_table(self, data: dict, path: str) -> None:
-        self.tracking.client.log_table(self.id, data, path)
+        self.tracking.log_table(data, path, self.id)
 
     def log_artifact(self, path: str, folder: str | None = None) -> None:
         self.tracking.client.log_artifact(self.id, path, folder)

@@ -3,7 +3,8 @@
 A pipeline describes each training as a `Recipe` (data, net, loss, optimizer, callbacks, budget;
 `recipe(params, data, net)` fills in the common flags) and runs it with `train(recipe, run)`, which
 seeds, builds the `ClassifierModule`, logs the dataset to the child run and returns a `Trained`
-(module, history, callbacks by type). Underneath, a `TrainJob` bundles a LightningModule, its datamodule, its callbacks and the hardware flags.
+(module, history, callbacks by type). Underneath, a `TrainJob` bundles a LightningModule, its datamodule,
+its callbacks and the hardware flags.
 Where nothing can tell, Lightning is handed 8 consecutive mini-batches per training step (the same
 optimizer steps, a fraction of Lightning's per-step cost: `steps_per_call`).
 `fit(job)` trains in this process on one device. With several devices (DDP), the training runs as

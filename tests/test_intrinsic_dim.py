@@ -43,7 +43,8 @@ def test_bisect_logs_every_trial_and_resumes_without_training_again(run_pipeline
         if child.info.run_name != "direct" and child.data.metrics["acc"] >= summary["threshold_acc"]:
             curve = [m.value for m in sorted(first.client.get_metric_history(child.info.run_id, "val_acc"),
                                              key=lambda m: m.step)]
-            assert len(curve) == child.data.metrics["epochs"] and curve[-1] >= summary["threshold_acc"] > max(curve[:-1], default=0)
+            assert len(curve) == child.data.metrics["epochs"]
+            assert curve[-1] >= summary["threshold_acc"] > max(curve[:-1], default=0)
 
     again = run_pipeline("intrinsic_dim", *TINY, "--seeds", "2", "--storage", storage)
     assert again.exit_code == 0 and again.parent.info.run_id != first.parent.info.run_id

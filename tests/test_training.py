@@ -77,7 +77,6 @@ def test_rank_zero_hands_back_weights_and_plain_state_only():
     module, callback = ClassifierModule(torch.nn.Linear(2, 2)), stop_when("train_acc", 1.0)
     module.history = [{"epoch": 0, "train_acc": 0.75}]
     callback.seen, callback.fn = [torch.zeros(1)], lambda: None  # a function is not data: not handed back
-    job = TrainJob(module, None, Hardware(), max_epochs=1, callbacks=[callback])
     state = {"weights": module.state_dict(), "module": _state(module, public_only=True),
              "callbacks": [_state(callback)]}
     assert "fn" not in state["callbacks"][0] and not any(k.startswith("_") for k in state["module"])
