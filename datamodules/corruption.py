@@ -1,11 +1,21 @@
 """Corruptions of Zhang et al. (2017) and Arpit et al. (2017), drawn once from a seed.
 
-- `label_noise` p: each training label is replaced with probability p by a uniformly random class
-  (which may equal the true one); p = 1 is `random_labels`. Evaluation labels stay clean.
-- `shuffled_pixels`: one permutation of the pixels, the same for every image of every split.
-- `random_pixels`: an independent permutation per image, fixed once (the same every epoch).
-- `gaussian`: inputs replaced by Gaussian noise with the training inputs' mean and variance.
-For the input corruptions `fraction` (default 1) is the share of images replaced (Arpit's randX).
+    splits, noisy = apply(Corruption("gaussian", 0.4), {"train": (x, y), "test": (x_test, y_test)}, 10, seed=0)
+
+What each corruption does to each split in `apply` (a validation split carved from the training set
+is an evaluation split like test):
+- `label_noise` p: each training label is redrawn with probability p as a uniformly random class
+  (which may equal the true one); p = 1 is `random_labels`. Validation and test labels stay clean.
+- `shuffled_pixels`: one permutation of the pixels, the same for every image of every split (train
+  and test, as in Zhang's protocol: the test images are the same shuffled task).
+- `random_pixels`: an independent permutation per image of every split, fixed once (the same every epoch).
+- `gaussian`: the inputs of every split replaced by Gaussian noise with the training inputs' mean and
+  variance.
+For the input corruptions `fraction` (default 1) is the share of images corrupted. Below 1 it is
+Arpit's randX: only that share of the training images is corrupted, and validation and test stay
+clean, so their accuracy measures generalization to real data.
+The mask `apply` returns marks the training examples that are noise: an input that was corrupted, or
+a label that differs from the true one (a redraw that picked the true class is not noise).
 """
 from __future__ import annotations
 
@@ -33,10 +43,15 @@ class Corruption:
 
 
 def corrupt_labels(y: torch.Tensor, p: float, num_classes: int, generator: torch.Generator):
-    """Returns (new labels, mask of the examples whose label was redrawn)."""
+    """Returns (new labels, mask of the examples whose label changed).
+
+    Zhang's p: each label is redrawn with probability p, uniformly over the classes; a redraw that picks
+    the true class (1 in `num_classes`) leaves a correct label, so it is not in the mask.
+    """
     redrawn = torch.rand(len(y), generator=generator) < p
     random_classes = torch.randint(num_classes, (len(y),), generator=generator)
-    return torch.where(redrawn, random_classes, y), redrawn
+    new = torch.where(redrawn, random_classes, y)
+    return new, new != y
 
 
 def _choose(n: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -61,9 +76,10 @@ def corrupt_inputs(x: torch.Tensor, corruption: Corruption, generator: torch.Gen
 
 def apply(corruption: Corruption, splits: dict[str, tuple[torch.Tensor, torch.Tensor]], num_classes: int,
           seed: int, train_split: str = "train"):
-    """Corrupt `splits` ({name: (x, y)}). Labels change in `train_split` only; inputs in every split.
+    """Corrupt `splits` ({name: (x, y)}) as the module docstring says, split by split.
 
-    Returns (new splits, mask of the corrupted training examples).
+    Labels change in `train_split` only; inputs in every split, or in `train_split` only when
+    `fraction` < 1 (Arpit's randX). Returns (new splits, mask of the noisy training examples).
     """
     generator = torch.Generator().manual_seed(10_007 * seed + 1)
     x_train, y_train = splits[train_split]
@@ -77,8 +93,11 @@ def apply(corruption: Corruption, splits: dict[str, tuple[torch.Tensor, torch.Te
     pixels = x_train[0].numel() // (x_train.shape[1] if x_train.ndim > 2 else 1)
     permutation = torch.randperm(pixels, generator=generator)
     mean, std = x_train.mean().item(), x_train.std().item()
-    out = {}
-    for name, (x, y) in splits.items():
+    # Arpit's randX (fraction < 1) makes part of the training set noise: evaluation stays real data.
+    names = list(splits) if corruption.fraction == 1 else [train_split]
+    out = dict(splits)
+    for name in names:
+        x, y = splits[name]
         x_new, chosen = corrupt_inputs(x, corruption, generator, permutation, mean, std)
         out[name] = (x_new, y)
         if name == train_split:

@@ -86,7 +86,8 @@ class ArrayDataModule(L.LightningDataModule):
     """Loads a registered source, standardizes it, carves a validation split, applies a corruption.
 
     Only the description is pickled (a DDP worker reloads the tensors deterministically from it).
-    Attributes after `setup()`: `splits` {name: (x, y)}, `corrupted` (mask over the training set),
+    Attributes after `setup()`: `splits` {name: (x, y)}, `corrupted` (mask of the training examples that
+    are noise: input corrupted or label changed; `datamodules.corruption` says which splits each corruption touches),
     `num_classes`, `input_shape`, `input_mean` and `input_std` (the standardization, in [0, 1] units;
     0 and 1 with `standardize=False`, which keeps the source's inputs as they are).
     `eval_splits` lists the splits evaluated every epoch; an epoch is `epoch_passes` passes over the training set.

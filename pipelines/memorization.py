@@ -4,13 +4,16 @@
     python -m pipelines memorization --noise_kinds randY --noise_levels 0,0.4,0.8 --regularizers dropout
 
 Each noise kind and level is a child run that trains until it fits the training set (epoch training
-accuracy --fit_acc) or reaches --max_epochs: randY replaces a fraction of the labels by uniform
-classes, randX a fraction of the inputs by Gaussian noise. Level 0 is the same clean training for
-every kind, so it is trained once. A `MemorizationTracker` records which training examples are
-correct after every epoch (learned epoch, forgetting events; clean and noisy examples apart) and the
-critical sample ratio of a fixed subset. Then every --regularizers entry is trained for
---regularizer_epochs on real data (validation accuracy) and on pure noise (training accuracy):
-a good regularizer lowers the second without lowering the first (Arpit's Figure 10).
+accuracy --fit_acc) or reaches --max_epochs: randY redraws a fraction of the labels as uniform
+classes, randX replaces a fraction of the training inputs by Gaussian noise (test images stay
+real). Level 0 is the same clean training for every kind, so it is trained once. A
+`MemorizationTracker` records which training examples are correct after every epoch (learned
+epoch, forgetting events) and the critical sample ratio of a fixed subset. Per-example statistics
+keep clean and noisy examples apart; noisy means the input was replaced or the label differs from
+the true one (a random label that happens to be the true class is clean). Then every
+--regularizers entry is trained for --regularizer_epochs on real data (validation accuracy) and on
+pure noise (training accuracy): a good regularizer lowers the second without lowering the first
+(Arpit's Figure 10).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from callbacks.memorization import NOT_LEARNED, PROTOCOL, MemorizationTracker
+from callbacks.memorization import NOT_LEARNED, MemorizationTracker
 from callbacks.stopping import stop_when, stopped_by_threshold
 from datamodules.corruption import Corruption
 from datamodules.datamodule import ArrayDataModule
@@ -44,8 +47,8 @@ class Params(CommonParams):
     model: str = param("fc", "network from the zoo", choices=tuple(NETS))
     widths: tuple[int, ...] = param((512,), "hidden widths of the fc model")
     train_subset: int = param(0, "train on this many training examples (0: all)")
-    noise_kinds: tuple[str, ...] = param(tuple(NOISE_KINDS), "randY: labels made random; randX: inputs replaced by Gaussian noise",
-                                         choices=tuple(NOISE_KINDS))
+    noise_kinds: tuple[str, ...] = param(tuple(NOISE_KINDS), "randY: training labels made random; randX: training inputs "
+                                         "replaced by Gaussian noise (test images stay real)", choices=tuple(NOISE_KINDS))
     noise_levels: tuple[float, ...] = param((0.0, 0.2, 0.4, 0.6, 0.8), "fractions of the training set made noise")
     fit_acc: float = param(1.0, "a training has fit once its epoch training accuracy reaches this")
     momentum: float = param(0.9, "SGD momentum")
@@ -132,7 +135,7 @@ def _group(values: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, flo
     if not mask.any():
         return None
     learned = values["learned_epoch"][mask]
-    return {"learned_first_epoch_share": (learned == 1).float().mean().item(),
+    return {"examples": int(mask.sum()), "learned_first_epoch_share": (learned == 1).float().mean().item(),
             "never_forgotten_share": values["never_forgotten"][mask].float().mean().item(),
             "learned_share": (learned != NOT_LEARNED).float().mean().item(),
             "forgetting_events_mean": values["forgetting_events"][mask].float().mean().item()}
@@ -146,7 +149,7 @@ def train_to_fit(params: Params, corruption: Corruption, run_id: str | None, tra
     module, datamodule, callbacks = _train(params, corruption, run_id, tracking_uri, [tracker, stop], params.max_epochs)
     tracker, stop = callbacks
     values = tracker.statistics()
-    noisy = datamodule.corrupted
+    noisy = datamodule.corrupted  # replaced inputs, and labels that differ from the true ones
     last = module.history[-1]
     return {"epochs_to_fit": last["epoch"] + 1 if stopped_by_threshold(stop) else None,
             "train_acc": last["train_acc"], "test_acc": last["test_acc"],

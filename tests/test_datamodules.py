@@ -51,22 +51,46 @@ def test_gaussian_matches_the_training_mean_and_variance():
 
 
 @pytest.mark.parametrize("p", [0.2, 0.5, 0.8])
-def test_label_noise_fraction_is_close_to_p_and_reproducible(p):
+def test_label_noise_redraws_with_probability_p_and_marks_only_changed_labels(p):
     y = torch.arange(20_000) % 10
     g = lambda: torch.Generator().manual_seed(3)
-    noisy, redrawn = corruption_lib.corrupt_labels(y, p, 10, g())
-    assert redrawn.float().mean().item() == pytest.approx(p, abs=0.015)
-    # A redrawn label may equal the true one: the changed fraction is p * (K - 1) / K.
+    noisy, changed = corruption_lib.corrupt_labels(y, p, 10, g())
+    # Zhang's p: a label is redrawn with probability p and may get its true class back, so p (K - 1) / K
+    # of the labels change, and only those are noise.
     assert (noisy != y).float().mean().item() == pytest.approx(p * 0.9, abs=0.015)
+    assert torch.equal(changed, noisy != y)
     again, _ = corruption_lib.corrupt_labels(y, p, 10, g())
     assert torch.equal(noisy, again)
 
 
-def test_label_corruption_leaves_evaluation_labels_clean():
-    before, after, mask = _apply("random_labels", n=2000)
-    assert torch.equal(after["test"][1], before["test"][1])
-    assert (after["train"][1] != before["train"][1]).float().mean() > 0.8
-    assert bool(mask.all())
+ALL_INPUTS = {("train", "inputs"), ("val", "inputs"), ("test", "inputs")}
+
+
+@pytest.mark.parametrize("kind, fraction, touched", [
+    ("none", 1.0, set()),
+    ("label_noise", 0.5, {("train", "labels")}),
+    ("random_labels", 1.0, {("train", "labels")}),
+    # Zhang's full input corruptions change the task itself: every split, train and test alike.
+    ("shuffled_pixels", 1.0, ALL_INPUTS),
+    ("random_pixels", 1.0, ALL_INPUTS),
+    ("gaussian", 1.0, ALL_INPUTS),
+    # A partial one (Arpit's randX) makes part of the training set noise: evaluation stays real data.
+    ("shuffled_pixels", 0.5, {("train", "inputs")}),
+    ("random_pixels", 0.5, {("train", "inputs")}),
+    ("gaussian", 0.5, {("train", "inputs")}),
+    ("gaussian", 0.0, set()),
+])
+def test_each_corruption_changes_the_documented_splits_and_marks_what_changed(kind, fraction, touched):
+    splits = {"train": _images(64, seed=1), "val": _images(16, seed=2), "test": _images(32, seed=3)}
+    out, mask = corruption_lib.apply(Corruption(kind, fraction), splits, 10, seed=0)
+    changed = {(name, part): (before != after).reshape(len(before), -1).any(1)
+               for name in splits for part, before, after in zip(("inputs", "labels"), splits[name], out[name])}
+    assert {key for key, rows in changed.items() if rows.any()} == touched
+    assert all(changed[key].all() for key in touched if key[0] != "train")  # every evaluation image, when any
+    assert torch.equal(mask, changed["train", "inputs"] | changed["train", "labels"])  # noise = what changed
+    share = {"label_noise": 0.9 * fraction, "random_labels": 0.9}.get(kind, fraction)  # 1 redraw in 10 hits the true class
+    if touched:
+        assert mask.float().mean().item() == pytest.approx(share, abs=0.2)
 
 
 def test_invalid_corruption_is_refused():
