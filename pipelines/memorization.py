@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
 import matplotlib.pyplot as plt
 import torch
 from torch import nn
@@ -27,12 +26,10 @@ from torch import nn
 from callbacks.memorization import NOT_LEARNED, MemorizationTracker
 from callbacks.stopping import stop_when, stopped_by_threshold
 from datamodules.corruption import Corruption
-from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
 from pipelines.params import CommonParams, param, require, require_fraction
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import Trained, datamodule, recipe, train
 
 NOISE_KINDS = {"randY": "label_noise", "randX": "gaussian"}
 REGULARIZERS = ("dropout", "weight_decay", "input_noise")
@@ -112,22 +109,19 @@ def _trainings(params: Params) -> dict[Corruption, list[tuple[str, float]]]:
     return trainings
 
 
-def _train(params: Params, corruption: Corruption, run_id: str | None, tracking_uri: str, callbacks: list,
-           max_epochs: int, val_fraction: float = 0.0, dropout: float = 0.0, weight_decay: float = 0.0,
-           input_noise: float = 0.0) -> tuple[ClassifierModule, ArrayDataModule, list]:
-    eval_splits = ("val",) if val_fraction else ("test",)
-    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed,
-                                 val_fraction, corruption, train_subset=params.train_subset, eval_splits=eval_splits)
-    datamodule.setup()
-    L.seed_everything(params.seed, verbose=False)
-    options = {"widths": params.widths, "dropout": dropout} if params.model == "fc" else {}
-    net = build_net(params.model, datamodule.input_shape, datamodule.num_classes, **options)
-    net = InputNoise(net, input_noise) if input_noise else net
-    module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, params.momentum, weight_decay,
-                              eval_splits=eval_splits)
-    job = fit(TrainJob(module, datamodule, Hardware.from_params(params), max_epochs, params.seed, callbacks,
-                       run_id, tracking_uri))
-    return job.module, datamodule, job.callbacks
+def _train(params: Params, corruption: Corruption, child, callbacks: list, max_epochs: int, val_fraction: float = 0.0,
+           dropout: float = 0.0, weight_decay: float = 0.0, input_noise: float = 0.0) -> Trained:
+    """One training of the pipeline's net (with the regularizer given, if any) on `corruption`."""
+    data = datamodule(params, val_fraction=val_fraction, corruption=corruption, train_subset=params.train_subset,
+                      eval_splits=("val",) if val_fraction else ("test",))
+
+    def net():
+        options = {"widths": params.widths, "dropout": dropout} if params.model == "fc" else {}
+        built = build_net(params.model, data.input_shape, data.num_classes, **options)
+        return InputNoise(built, input_noise) if input_noise else built
+
+    return train(recipe(params, data, net, max_epochs=max_epochs, momentum=params.momentum,
+                        weight_decay=weight_decay, callbacks=callbacks), child)
 
 
 def _group(values: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, float] | None:
@@ -141,16 +135,15 @@ def _group(values: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, flo
             "forgetting_events_mean": values["forgetting_events"][mask].float().mean().item()}
 
 
-def train_to_fit(params: Params, corruption: Corruption, run_id: str | None, tracking_uri: str) -> dict:
+def train_to_fit(params: Params, corruption: Corruption, child) -> dict:
     """One training until it fits, tracked per example; its results."""
     tracker = MemorizationTracker(params.csr_examples, params.csr_every, params.seed, params.csr_step / 255,
                                   params.csr_noise / 255, params.csr_radius / 255, params.csr_iterations)
     stop = stop_when("train_acc", params.fit_acc)
-    module, datamodule, callbacks = _train(params, corruption, run_id, tracking_uri, [tracker, stop], params.max_epochs)
-    tracker, stop = callbacks
+    trained = _train(params, corruption, child, [tracker, stop], params.max_epochs)  # both hold rank 0's state now
     values = tracker.statistics()
-    noisy = datamodule.corrupted  # replaced inputs, and labels that differ from the true ones
-    last = module.history[-1]
+    noisy = trained.data.corrupted  # replaced inputs, and labels that differ from the true ones
+    last = trained.history[-1]
     return {"epochs_to_fit": last["epoch"] + 1 if stopped_by_threshold(stop) else None,
             "train_acc": last["train_acc"], "test_acc": last["test_acc"],
             "groups": {"clean": _group(values, ~noisy), "noisy": _group(values, noisy)},
@@ -173,16 +166,15 @@ def regularizer_study(params: Params, tracking) -> dict:
     for index, (name, strength) in enumerate(settings, start=1):
         row = {"strength": strength}
         for data, corruption in (("real", Corruption()), ("noise", noise_corruption(params.regularizer_noise, 1.0))):
-            run_id = tracking.child(f"{name}={strength:g} on {data}",
-                                    {"regularizer": name, "strength": strength, "data": data})
             options = {name: strength} if name != "none" else {}
-            module, datamodule, _ = _train(params, corruption, run_id, tracking.uri, [], params.regularizer_epochs,
-                                           params.val_fraction, **options)
-            # Accuracies of the trained net itself (eval mode: no dropout, no input noise).
-            accuracy = {split: module.evaluate(*datamodule.splits[split])[1] for split in ("train", "val")}
+            with tracking.child(f"{name}={strength:g} on {data}",
+                                {"regularizer": name, "strength": strength, "data": data}) as child:
+                trained = _train(params, corruption, child, [], params.regularizer_epochs, params.val_fraction,
+                                 **options)
+                # Accuracies of the trained net itself (eval mode: no dropout, no input noise).
+                accuracy = {split: trained.module.evaluate(*trained.data.splits[split])[1] for split in ("train", "val")}
+                child.log_metrics({"final_train_acc": accuracy["train"], "final_val_acc": accuracy["val"]})
             row["val_acc_real" if data == "real" else "train_acc_noise"] = accuracy["val" if data == "real" else "train"]
-            tracking.log_metrics(run_id, {"final_train_acc": accuracy["train"], "final_val_acc": accuracy["val"]})
-            tracking.end_child(run_id)
         results.setdefault(name, []).append(row)
         print(f"[regularizer {index}/{len(settings)}] {name}={strength:g}: val_acc_real={row['val_acc_real']:.4f} "
               f"train_acc_noise={row['train_acc_noise']:.4f}", flush=True)
@@ -194,15 +186,14 @@ def run(params: Params, tracking) -> dict:
     results: dict[tuple[str, float], dict] = {}
     for index, (corruption, aliases) in enumerate(trainings.items(), start=1):
         label = " = ".join(f"{kind}={level:g}" for kind, level in aliases)
-        run_id = tracking.child(label, {"corruption": corruption.kind, "corruption_p": corruption.fraction,
-                                        "aliases": ",".join(f"{k}={v:g}" for k, v in aliases)})
-        result = train_to_fit(params, corruption, run_id, tracking.uri)
-        metrics = {f"{k}_{group}": v for group, stats in result["groups"].items() if stats for k, v in stats.items()}
-        tracking.log_metrics(run_id, {**{k: result[k] for k in ("epochs_to_fit", "train_acc", "test_acc")}, **metrics})
-        for epoch, ratio in zip(result["csr"]["epoch"], result["csr"]["ratio"]):
-            tracking.log_metrics(run_id, {"csr": ratio}, step=epoch)
-        tracking.log_dict(result["per_example"], "per_example.json", run_id=run_id)
-        tracking.end_child(run_id)
+        with tracking.child(label, {"corruption": corruption.kind, "corruption_p": corruption.fraction,
+                                    "aliases": ",".join(f"{k}={v:g}" for k, v in aliases)}) as child:
+            result = train_to_fit(params, corruption, child)
+            metrics = {f"{k}_{group}": v for group, stats in result["groups"].items() if stats for k, v in stats.items()}
+            child.log_metrics({**{k: result[k] for k in ("epochs_to_fit", "train_acc", "test_acc")}, **metrics})
+            for epoch, ratio in zip(result["csr"]["epoch"], result["csr"]["ratio"]):
+                child.log_metrics({"csr": ratio}, step=epoch)
+            child.log_dict(result["per_example"], "per_example.json")
         for alias in aliases:
             results[alias] = result
         groups = result["groups"]
@@ -222,6 +213,13 @@ def run(params: Params, tracking) -> dict:
                                    **regularizer_study(params, tracking)}
     _figures(params, results, levels, summary.get("regularizers"), tracking)
     return summary
+
+
+def headline(summary: dict) -> str:
+    """Epochs to fit per noise level, per kind of noise (more noise, more epochs: memorization is slower)."""
+    parts = [f"{kind} epochs to fit " + " / ".join("-" if e is None else str(e) for e in by_level.values())
+             + f" at noise {', '.join(by_level)}" for kind, by_level in summary["epochs_to_fit"].items()]
+    return "; ".join(parts)
 
 
 def _figures(params: Params, results: dict, levels: dict, regularizers: dict | None, tracking) -> None:

@@ -23,6 +23,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable
 
 import lightning as L
@@ -118,7 +119,8 @@ def recipe(params, data: ArrayDataModule, net, **settings) -> Recipe:
 
 @dataclass
 class Trained:
-    """What a training leaves: the trained module, its data, and its callbacks as rank 0 left them."""
+    """What a training leaves: the trained module, its data, and its callbacks (the recipe's own objects,
+    holding rank 0's state after a DDP training too)."""
 
     module: ClassifierModule
     data: ArrayDataModule
@@ -215,7 +217,9 @@ def fit(job: TrainJob) -> TrainJob:
 
 def _plain(value):
     """`value` if it is made of tensors, numbers, strings and containers of them (what loads without
-    unpickling code), else `_NOT_PLAIN`."""
+    unpickling code; an enum member goes as its value), else `_NOT_PLAIN`."""
+    if isinstance(value, Enum):
+        return _plain(value.value)
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
     if isinstance(value, (list, tuple)):
@@ -239,9 +243,10 @@ def _state(obj, public_only: bool = False) -> dict:
 
 def _restore(job: TrainJob, state: dict) -> None:
     job.module.load_state_dict(state["weights"])
-    vars(job.module).update(state["module"])
-    for callback, values in zip(job.callbacks, state["callbacks"]):
-        vars(callback).update(values)
+    for obj, values in ((job.module, state["module"]), *zip(job.callbacks, state["callbacks"])):
+        for name, value in values.items():
+            current = getattr(obj, name, None)  # an enum came as its value: back to its member
+            setattr(obj, name, type(current)(value) if isinstance(current, Enum) else value)
 
 
 class UnsafeFile(Exception):

@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 
-from callbacks.stopping import stop_when
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+
+from callbacks.stopping import stop_when, stopped_by_threshold
 from modules.classifier import ClassifierModule
 from pipelines.training import (Hardware, TrainJob, UnsafeFile, _launch_ranks, _restore, _state, _wait, load_plain,
                                 steps_per_call)
@@ -72,16 +74,18 @@ def test_a_file_that_would_run_code_when_unpickled_is_refused(tmp_path):
     assert load_plain(str(tmp_path / "plain.pt"))["history"] == [{"epoch": 0, "acc": 0.5}]
 
 
-def test_rank_zero_hands_back_weights_and_plain_state_only():
+def test_rank_zero_hands_back_weights_and_plain_state_only(tmp_path):
     """What a DDP rank writes back loads without unpickling, and restores what training changed."""
     module, callback = ClassifierModule(torch.nn.Linear(2, 2)), stop_when("train_acc", 1.0)
     module.history = [{"epoch": 0, "train_acc": 0.75}]
     callback.seen, callback.fn = [torch.zeros(1)], lambda: None  # a function is not data: not handed back
+    callback.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD  # an enum: pipelines ask why it stopped
     state = {"weights": module.state_dict(), "module": _state(module, public_only=True),
              "callbacks": [_state(callback)]}
     assert "fn" not in state["callbacks"][0] and not any(k.startswith("_") for k in state["module"])
     fresh = TrainJob(ClassifierModule(torch.nn.Linear(2, 2)), None, Hardware(), 1,
                      callbacks=[stop_when("train_acc", 1.0)])
-    _restore(fresh, state)
+    torch.save(state, tmp_path / "out.pt")
+    _restore(fresh, load_plain(str(tmp_path / "out.pt")))
     assert fresh.module.history == module.history and torch.equal(fresh.module.net.weight, module.net.weight)
-    assert torch.equal(fresh.callbacks[0].seen[0], torch.zeros(1))
+    assert torch.equal(fresh.callbacks[0].seen[0], torch.zeros(1)) and stopped_by_threshold(fresh.callbacks[0])
