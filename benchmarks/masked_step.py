@@ -49,7 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     dense = build_net(args.model, datamodule.input_shape, datamodule.num_classes)
     ticket = prepare(copy.deepcopy(dense))
-    apply(ticket, magnitude_masks(ticket, 1 - args.remaining, output_rate_half=False), theta(ticket))
+    apply(ticket, magnitude_masks(ticket, 1 - args.remaining), theta(ticket))
     variants = {}
     for adam, fused in (("fused Adam", True), ("default Adam", None)):
         for kind, net in (("unmasked", dense), ("masked", ticket)):

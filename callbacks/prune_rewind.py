@@ -1,14 +1,16 @@
 """Iterative magnitude pruning with rewinding: the lottery-ticket procedure of Frankle & Carbin (2019).
 
-    pruner = PruneRewind(prune_rate=0.2, pruning="layerwise", output_rate_half=True, rewind_step=0)
+    pruner = PruneRewind(PruneRates(conv=0.1, fc=0.2, output=0.1), pruning="layerwise", rewind_step=0)
     trace = EarlyStopTrace()
     for round in range(rounds + 1):   # round 0 trains the dense net
         Trainer(callbacks=[trace, pruner], ...).fit(module)   # ends pruned and rewound: the next ticket
 
 `PruneRewind` records theta_0 (the initialization) and theta_k (the weights after `rewind_step`
-iterations; k = 0 is theta_0). At the end of a training it removes `prune_rate` of the surviving
-weights with the smallest magnitude, layer by layer or globally, the output layer at half the rate
-(the paper's choice), and rewinds the survivors to theta_k. Biases and BatchNorm are never pruned.
+iterations; k = 0 is theta_0). At the end of a training it removes, of each layer's surviving weights,
+those of smallest magnitude: a fraction that depends on the layer's kind (`PruneRates`: the paper
+prunes conv layers at 10% or 15%, fully connected ones at 20%, the output layer at 10%), ranked
+layer by layer or globally (across the layers of a kind). Then it rewinds the survivors to theta_k.
+Biases and BatchNorm are never pruned.
 The controls: `random_masks` (the same per-layer sparsity, positions drawn from a seed) and
 `apply(net, masks, theta)` with a fresh initialization (random re-initialization).
 
@@ -27,6 +29,8 @@ from rank 0 after pruning, and random masks come from a seeded generator, the sa
 `rank_digests` records, at the start and end of every training, one mask digest per rank.
 """
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -82,13 +86,44 @@ def hold_masks(net: nn.Module, optimizers=()) -> None:
                     value.mul_(layer.weight_mask)
 
 
-def pruning_groups(layer_names: list[str], rate: float, pruning: str, output_rate_half: bool) -> list[tuple[list[str], float]]:
-    """[(layers ranked together, rate)]: each layer alone (layerwise) or all together (global); the output layer
-    (the last) is pruned alone at rate / 2 when `output_rate_half`."""
-    output = layer_names[-1]
-    hidden = [n for n in layer_names if n != output] if output_rate_half else layer_names
-    groups = [[n] for n in hidden] if pruning == "layerwise" else [hidden]
-    return [(g, rate) for g in groups if g] + ([([output], rate / 2)] if output_rate_half else [])
+@dataclass(frozen=True)
+class PruneRates:
+    """The fraction of its surviving weights a layer loses per round, by kind: conv, fully connected (fc), or the
+    output layer (the last). The defaults are Frankle & Carbin's for LeNet-300-100 (fc 20%, output 10%), with
+    conv layers at the fc rate; their Conv-2/4 prune conv layers at 10%, Conv-6 at 15%."""
+
+    conv: float = 0.2
+    fc: float = 0.2
+    output: float = 0.1
+
+    def __post_init__(self):
+        for kind, rate in asdict(self).items():
+            if not 0 < rate < 1:
+                raise ValueError(f"{kind} rate {rate} is outside (0, 1)")
+
+
+def layer_kinds(net: nn.Module) -> dict[str, str]:
+    """{prunable layer: "conv", "fc" or "output"}; the output layer is the last one, whatever its type."""
+    layers = prunable_layers(net)
+    output = list(layers)[-1]
+    return {name: "output" if name == output else "fc" if isinstance(layer, nn.Linear) else "conv"
+            for name, layer in layers.items()}
+
+
+def layer_rates(net: nn.Module, rates: PruneRates) -> dict[str, float]:
+    """{prunable layer: the fraction of its surviving weights one round removes}."""
+    return {name: getattr(rates, kind) for name, kind in layer_kinds(net).items()}
+
+
+def pruning_groups(kinds: dict[str, str], rates: PruneRates, pruning: str) -> list[tuple[list[str], float]]:
+    """[(layers ranked together, their rate)]: each layer alone (layerwise), or the layers of each kind together
+    (global), so that every kind loses exactly its rate."""
+    if pruning == "layerwise":
+        return [([name], getattr(rates, kind)) for name, kind in kinds.items()]
+    groups: dict[str, list[str]] = {}
+    for name, kind in kinds.items():
+        groups.setdefault(kind, []).append(name)
+    return [(names, getattr(rates, kind)) for kind, names in groups.items()]
 
 
 def pruned_count(surviving: int, rate: float) -> int:
@@ -97,12 +132,14 @@ def pruned_count(surviving: int, rate: float) -> int:
 
 
 @torch.no_grad()
-def magnitude_masks(net: nn.Module, rate: float, pruning: str = "layerwise",
-                    output_rate_half: bool = True) -> dict[str, torch.Tensor]:
-    """New masks that remove `rate` of each group's surviving weights, those of smallest |w|."""
+def magnitude_masks(net: nn.Module, rates: PruneRates | float, pruning: str = "layerwise") -> dict[str, torch.Tensor]:
+    """New masks that remove its rate of each group's surviving weights, those of smallest |w| (a float
+    `rates`: every layer, the output too, at that rate)."""
+    if not isinstance(rates, PruneRates):
+        rates = PruneRates(rates, rates, rates)
     layers = prunable_layers(net)
     out = {}
-    for names, group_rate in pruning_groups(list(layers), rate, pruning, output_rate_half):
+    for names, group_rate in pruning_groups(layer_kinds(net), rates, pruning):
         old = [layers[n].weight_mask for n in names]
         scores = torch.cat([torch.where(m.bool(), layers[n].weight_orig.abs(), -1.0).flatten()
                             for n, m in zip(names, old)])  # pruned entries rank below every survivor
@@ -125,11 +162,16 @@ def random_masks(like: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Te
     return out
 
 
-def sparsity_report(net: nn.Module) -> dict[str, dict]:
-    """{layer: {"weights", "remaining", "percent_remaining"}} plus "total" over all prunable weights."""
+def sparsity_report(net: nn.Module, rates: PruneRates | None = None) -> dict[str, dict]:
+    """{layer: {"weights", "remaining", "percent_remaining"}} plus "total" over all prunable weights; with
+    `rates`, each layer also says its "kind" and its "prune_rate" per round."""
     rows = {name: (m.numel(), int(m.sum().item())) for name, m in masks(net).items()}
     rows["total"] = (sum(n for n, _ in rows.values()), sum(r for _, r in rows.values()))
-    return {name: {"weights": n, "remaining": r, "percent_remaining": 100.0 * r / n} for name, (n, r) in rows.items()}
+    report = {name: {"weights": n, "remaining": r, "percent_remaining": 100.0 * r / n} for name, (n, r) in rows.items()}
+    if rates is not None:
+        for name, kind in layer_kinds(net).items():
+            report[name] = {"kind": kind, "prune_rate": getattr(rates, kind), **report[name]}
+    return report
 
 
 def _digest(net: nn.Module) -> torch.Tensor:
@@ -144,13 +186,11 @@ def _digest(net: nn.Module) -> torch.Tensor:
 class PruneRewind(Callback):
     """Records theta_0 and theta_k; at the end of a training prunes by magnitude and rewinds (when `prune_at_end`)."""
 
-    def __init__(self, prune_rate: float = 0.2, pruning: str = "layerwise", output_rate_half: bool = True,
-                 rewind_step: int = 0, prune_at_end: bool = True):
-        if not 0 < prune_rate < 1:
-            raise ValueError(f"prune_rate {prune_rate} is outside (0, 1)")
+    def __init__(self, rates: PruneRates = PruneRates(), pruning: str = "layerwise", rewind_step: int = 0,
+                 prune_at_end: bool = True):
         if pruning not in PRUNINGS:
             raise ValueError(f"unknown pruning {pruning!r}; choose from {', '.join(PRUNINGS)}")
-        self.prune_rate, self.pruning, self.output_rate_half = prune_rate, pruning, output_rate_half
+        self.rates, self.pruning = rates, pruning
         self.rewind_step, self.prune_at_end = rewind_step, prune_at_end
         self.theta_0: dict[str, torch.Tensor] | None = None
         self.theta_k: dict[str, torch.Tensor] | None = None
@@ -176,7 +216,7 @@ class PruneRewind(Callback):
             if self.theta_k is None:
                 raise RuntimeError(f"training ended at iteration {trainer.global_step}, before rewind_step {self.rewind_step}")
             net = pl_module.net
-            new = magnitude_masks(net, self.prune_rate, self.pruning, self.output_rate_half)
+            new = magnitude_masks(net, self.rates, self.pruning)
             new = trainer.strategy.broadcast(_to_cpu(new))  # rank 0's masks everywhere (the weights agree anyway)
             device = next(net.parameters()).device
             apply(net, {k: v.to(device) for k, v in new.items()},

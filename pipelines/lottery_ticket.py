@@ -5,8 +5,10 @@
     python -m pipelines lottery_ticket --dataset cifar10 --model conv2 --lr 2e-4 --max_epochs 20
 
 Round 0 trains the dense net; every later round trains the winning ticket that the previous round
-left: `prune_rate` of its surviving weights pruned by magnitude (the output layer at half the rate),
-the survivors rewound to their values at iteration `rewind_step` (0 = the initialization). Each round
+left: of each layer's surviving weights, those of smallest magnitude pruned at the rate of its kind
+(`conv_rate`, `fc_rate`, `output_rate`; the paper's Figure 2: conv layers 10% for Conv-2/4 and 15%
+for Conv-6, fully connected 20%, the output layer 10%; sparsity.json lists every layer's rate), the
+survivors rewound to their values at iteration `rewind_step` (0 = the initialization). Each round
 r >= 1 also trains the controls on the same per-layer sparsity: `random_reinit` (the ticket's mask, a
 fresh initialization) and `random_prune` (a random mask, the ticket's initialization theta_k). The
 controls' seeds are `seed + 1000 * round`. All trainings of one replicate see the same data order.
@@ -27,8 +29,9 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 
-from callbacks.prune_rewind import (PRUNINGS, EarlyStopTrace, PruneRewind, apply, masks, prepare, prunable_layers,
-                                    pruned_count, pruning_groups, random_masks, sparsity_report, theta)
+from callbacks.prune_rewind import (PRUNINGS, EarlyStopTrace, PruneRates, PruneRewind, apply, layer_kinds, layer_rates,
+                                    masks, prepare, prunable_layers, pruned_count, pruning_groups, random_masks,
+                                    sparsity_report, theta)
 from datamodules.datamodule import ArrayDataModule
 from modules.classifier import ClassifierModule
 from modules.nets import NETS, build_net
@@ -38,6 +41,8 @@ from pipelines.training import Hardware, TrainJob, fit
 
 CONTROLS = ("random_reinit", "random_prune")
 RESULT_FIELDS = ("weights_remaining", "early_stop_iter", "test_acc_at_early_stop", "final_test_acc")
+PAPER_CONV_RATES = {"conv2": 0.1, "conv4": 0.1, "conv6": 0.15}  # Frankle & Carbin's Figure 2
+OTHER_CONV_RATE = 0.2  # the zoo's other conv nets, absent from that table: the paper's fc rate
 
 
 @dataclass
@@ -49,12 +54,17 @@ class Params(CommonParams):
     lr: float = param(1.2e-3, "learning rate (the paper: 1.2e-3 LeNet, 2e-4 Conv-2, 3e-4 Conv-4/6)")
     optimizer: str = param("adam", "optimizer", choices=("sgd", "adam"))
     model: str = param("lenet_300_100", "network from the zoo (conv2, conv4, conv6 for cifar10)", choices=tuple(NETS))
-    rounds: int = param(14, "pruning rounds after the dense training (0.8^14: 4.4% of the weights remain)")
-    prune_rate: float = param(0.2, "fraction of the surviving weights pruned per round")
-    pruning: str = param("layerwise", "rank weights by magnitude per layer, or across layers", choices=PRUNINGS)
-    output_rate_half: bool = param(True, "prune the output layer at half the rate (the paper's choice)")
+    rounds: int = param(14, "pruning rounds after the dense training (an fc layer keeps 0.8^14 = 0.044 of its weights)")
+    conv_rate: float = param(0.0, "fraction of a conv layer's surviving weights pruned per round; 0: the paper's rate "
+                             "for --model (0.1 for conv2 and conv4, 0.15 for conv6; 0.2 for the zoo's other nets)")
+    fc_rate: float = param(0.2, "fraction of a fully connected hidden layer's surviving weights pruned per round "
+                           "(the paper's 0.2)")
+    output_rate: float = param(0.1, "fraction of the output layer's surviving weights pruned per round (the paper's "
+                               "0.1, half the fc rate)")
+    pruning: str = param("layerwise", "rank weights by magnitude per layer, or across the layers of a kind "
+                         "(conv, fc, output)", choices=PRUNINGS)
     rewind_step: int = param(0, "rewind the survivors to their values at this iteration (0: the initialization)")
-    controls: tuple[str, ...] = param(("random_reinit",), "controls trained every round (Figure 1: random_reinit)",
+    controls: tuple[str, ...] = param(("random_reinit",), "controls trained every round (Figure 1: random_reinit; empty: none)",
                                       choices=CONTROLS)
     seeds: int = param(1, "replicates, seeded seed, seed+1, ...; figures show their mean and min-max")
     val_fraction: float = param(0.1, "share of the training set held out for validation (early stopping)")
@@ -64,7 +74,10 @@ class Params(CommonParams):
         from datamodules.sources import load  # late: keeps --help fast
 
         super().validate()
-        require(0 < self.prune_rate < 1, "prune_rate", f"{self.prune_rate} is outside (0, 1)")
+        require(0 <= self.conv_rate < 1, "conv_rate", f"{self.conv_rate} is outside (0, 1) (0: the paper's rate "
+                "for --model)")
+        for name in ("fc_rate", "output_rate"):
+            require(0 < getattr(self, name) < 1, name, f"{getattr(self, name)} is outside (0, 1)")
         require(self.rounds >= 1, "rounds", f"must be a positive integer, got {self.rounds}")
         require(self.seeds >= 1, "seeds", f"must be a positive integer, got {self.seeds}")
         require(0 < self.val_fraction < 1, "val_fraction", f"{self.val_fraction} is outside (0, 1)")
@@ -75,17 +88,22 @@ class Params(CommonParams):
         except ValueError as error:  # e.g. a conv net on 1-D features
             raise UsageError("model", str(error)) from None
         sizes = {name: layer.weight.numel() for name, layer in prunable_layers(net).items()}
-        for names, rate in pruning_groups(list(sizes), self.prune_rate, self.pruning, self.output_rate_half):
+        for names, rate in pruning_groups(layer_kinds(net), self.prune_rates(), self.pruning):
             left = sum(sizes[n] for n in names)
             for _ in range(self.rounds):
                 left -= pruned_count(left, rate)
-            require(left >= len(names), "rounds", f"{self.rounds} rounds at prune_rate {self.prune_rate} leave {left} "
+            require(left >= len(names), "rounds", f"{self.rounds} rounds at rate {rate} leave {left} "
                     f"weights in {', '.join(names)}: fewer than one per layer")
         n_train = len(arrays.y_train) - round(self.val_fraction * len(arrays.y_train))
         iterations = self.max_epochs * math.ceil(n_train / self.batch_size)
         require(self.rewind_step < iterations, "rewind_step", f"{self.rewind_step} is not below the {iterations} "
                 "iterations of a training")
         require(self.val_every <= iterations, "val_every", f"{self.val_every} exceeds the {iterations} iterations of a training")
+
+    def prune_rates(self) -> PruneRates:
+        """The rates per layer kind, `conv_rate` 0 resolved to the paper's rate for the model."""
+        return PruneRates(self.conv_rate or PAPER_CONV_RATES.get(self.model, OTHER_CONV_RATE), self.fc_rate,
+                          self.output_rate)
 
 
 def train(params: Params, net, datamodule, seed: int, pruner: PruneRewind, run_id: str, tracking_uri: str):
@@ -104,8 +122,8 @@ def run(params: Params, tracking) -> dict:
     total = params.seeds * (1 + params.rounds * (1 + len(params.controls)))
     rows: list[dict] = []
     for seed in range(params.seed, params.seed + params.seeds):
-        run_replicate(params, seed, tracking, rows, total)
-    summary = summarize(params, rows)
+        prune_rates = run_replicate(params, seed, tracking, rows, total)
+    summary = {"prune_rates": prune_rates, **summarize(params, rows)}
     for r, entry in enumerate(summary["rounds"], start=1):
         tracking.log_metrics(None, {f"{kind}_{k}": v for kind in ("winning", *params.controls)
                                     for k, v in entry[kind].items()}, step=r)
@@ -114,18 +132,20 @@ def run(params: Params, tracking) -> dict:
     return summary
 
 
-def run_replicate(params: Params, seed: int, tracking, rows: list[dict], total: int) -> None:
-    """The dense training and every round of one replicate, each round followed by its controls."""
+def run_replicate(params: Params, seed: int, tracking, rows: list[dict], total: int) -> dict[str, float]:
+    """The dense training and every round of one replicate, each round followed by its controls; returns
+    {layer: the fraction of its surviving weights each round pruned}."""
     datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, seed,
                                  val_fraction=params.val_fraction)
     datamodule.setup()
+    rates = params.prune_rates()
 
     def fresh_net(init_seed: int):
         L.seed_everything(init_seed, verbose=False)
         return prepare(build_net(params.model, datamodule.input_shape, datamodule.num_classes))
 
     def train_child(kind: str, round_: int, net, pruner: PruneRewind):
-        report = sparsity_report(net)
+        report = sparsity_report(net, rates)
         run_id = tracking.child(f"seed {seed} {kind}" + (f" round {round_}" if round_ else ""),
                                 {"kind": kind, "round": round_, "replicate_seed": seed})
         _log_masks(tracking, run_id, net, report)
@@ -142,7 +162,7 @@ def run_replicate(params: Params, seed: int, tracking, rows: list[dict], total: 
         return net, pruner
 
     ticket = fresh_net(seed)
-    pruner = PruneRewind(params.prune_rate, params.pruning, params.output_rate_half, params.rewind_step)
+    pruner = PruneRewind(rates, params.pruning, params.rewind_step)
     for round_ in range(params.rounds + 1):
         pruner.prune_at_end = round_ < params.rounds
         ticket_masks = {k: m.clone() for k, m in masks(ticket).items()}
@@ -156,11 +176,13 @@ def run_replicate(params: Params, seed: int, tracking, rows: list[dict], total: 
                 apply(net, ticket_masks, theta(net))
             else:  # a random mask of the ticket's per-layer sparsity on the ticket's initialization theta_k
                 apply(net, random_masks(ticket_masks, control_seed), pruner.theta_k)
-            train_child(kind, round_, net, PruneRewind(params.prune_rate, prune_at_end=False))
+            train_child(kind, round_, net, PruneRewind(rates, prune_at_end=False))
+    return layer_rates(ticket, rates)
 
 
 def _log_masks(tracking, run_id: str, net, report: dict) -> None:
-    """The training's masks (masks.npz, one boolean array per layer) and its per-layer sparsity report."""
+    """The training's masks (masks.npz, one boolean array per layer) and its per-layer sparsity report
+    (with each layer's kind and prune rate)."""
     tracking.log_dict(report, "sparsity.json", run_id=run_id)
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "masks.npz")
