@@ -32,12 +32,10 @@ import numpy as np
 from callbacks.prune_rewind import (PRUNINGS, EarlyStopTrace, PruneRates, PruneRewind, apply, layer_kinds, layer_rates,
                                     masks, prepare, prunable_layers, pruned_count, pruning_groups, random_masks,
                                     sparsity_report, theta)
-from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
 from pipelines.params import CommonParams, UsageError, param, require
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import datamodule, recipe, train
 
 CONTROLS = ("random_reinit", "random_prune")
 RESULT_FIELDS = ("weights_remaining", "early_stop_iter", "test_acc_at_early_stop", "final_test_acc")
@@ -71,8 +69,6 @@ class Params(CommonParams):
     val_every: int = param(50, "validate every this many iterations (the early-stop resolution)")
 
     def validate(self) -> None:
-        from datamodules.sources import load  # late: keeps --help fast
-
         super().validate()
         require(0 <= self.conv_rate < 1, "conv_rate", f"{self.conv_rate} is outside (0, 1) (0: the paper's rate "
                 "for --model)")
@@ -82,7 +78,10 @@ class Params(CommonParams):
         require(self.seeds >= 1, "seeds", f"must be a positive integer, got {self.seeds}")
         require(0 < self.val_fraction < 1, "val_fraction", f"{self.val_fraction} is outside (0, 1)")
         require(self.val_every >= 1, "val_every", f"must be a positive integer, got {self.val_every}")
-        arrays = load(self.dataset, self.data_dir, self.download, self.seed)
+
+    def preflight(self) -> None:
+        super().preflight()
+        arrays = self.arrays()
         try:
             net = build_net(self.model, arrays.input_shape, arrays.num_classes)
         except ValueError as error:  # e.g. a conv net on 1-D features
@@ -98,7 +97,8 @@ class Params(CommonParams):
         iterations = self.max_epochs * math.ceil(n_train / self.batch_size)
         require(self.rewind_step < iterations, "rewind_step", f"{self.rewind_step} is not below the {iterations} "
                 "iterations of a training")
-        require(self.val_every <= iterations, "val_every", f"{self.val_every} exceeds the {iterations} iterations of a training")
+        require(self.val_every <= iterations, "val_every",
+                f"{self.val_every} exceeds the {iterations} iterations of a training")
 
     def prune_rates(self) -> PruneRates:
         """The rates per layer kind, `conv_rate` 0 resolved to the paper's rate for the model."""
@@ -106,16 +106,14 @@ class Params(CommonParams):
                           self.output_rate)
 
 
-def train(params: Params, net, datamodule, seed: int, pruner: PruneRewind, run_id: str, tracking_uri: str):
-    """Trains `net`; returns its early-stop results, the net as the pruner left it, and the pruner."""
+def train_ticket(params: Params, net, data, seed: int, pruner: PruneRewind, child) -> dict:
+    """Trains `net` (pruned and rewound by `pruner` at the end, in place); returns its early-stop results."""
+    trace = EarlyStopTrace()
     # fused: torch's default CPU Adam slows down on the exact zeros that pruning leaves in its state
-    module = ClassifierModule(net, "cross_entropy", params.optimizer, params.lr, fused=True)
-    job = fit(TrainJob(module, datamodule, Hardware.from_params(params), params.max_epochs, seed,
-                       [EarlyStopTrace(), pruner], run_id, tracking_uri,
-                       check_val_every_n_epoch=None, val_check_interval=params.val_every))
-    trace, pruner = job.callbacks  # under DDP: rank 0's copies
-    identical = all(row == check[0] for check in pruner.rank_digests for row in check)
-    return {**trace.result(), "masks_identical_on_ranks": float(identical)}, job.module.net, pruner
+    train(recipe(params, data, net, seed=seed, fused=True, callbacks=[trace, pruner], check_val_every_n_epoch=None,
+                 val_check_interval=params.val_every), child)
+    identical = all(row == check[0] for check in pruner.rank_digests for row in check)  # rank 0's view of every rank
+    return {**trace.result(), "masks_identical_on_ranks": float(identical)}
 
 
 def run(params: Params, tracking) -> dict:
@@ -135,38 +133,34 @@ def run(params: Params, tracking) -> dict:
 def run_replicate(params: Params, seed: int, tracking, rows: list[dict], total: int) -> dict[str, float]:
     """The dense training and every round of one replicate, each round followed by its controls; returns
     {layer: the fraction of its surviving weights each round pruned}."""
-    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, seed,
-                                 val_fraction=params.val_fraction)
-    datamodule.setup()
+    data = datamodule(params, seed=seed, val_fraction=params.val_fraction)
     rates = params.prune_rates()
 
     def fresh_net(init_seed: int):
         L.seed_everything(init_seed, verbose=False)
-        return prepare(build_net(params.model, datamodule.input_shape, datamodule.num_classes))
+        return prepare(build_net(params.model, data.input_shape, data.num_classes))
 
-    def train_child(kind: str, round_: int, net, pruner: PruneRewind):
+    def train_child(kind: str, round_: int, net, pruner: PruneRewind) -> None:
+        """One training in its child run; `net` and `pruner` come out pruned and rewound for the next round."""
         report = sparsity_report(net, rates)
-        run_id = tracking.child(f"seed {seed} {kind}" + (f" round {round_}" if round_ else ""),
-                                {"kind": kind, "round": round_, "replicate_seed": seed})
-        _log_masks(tracking, run_id, net, report)
-        result, net, pruner = train(params, net, datamodule, seed, pruner, run_id, tracking.uri)
-        row = {"seed": seed, "kind": kind, "round": round_,
-               "weights_remaining": report["total"]["percent_remaining"], **result}
-        tracking.log_metrics(run_id, {k: row[k] for k in (*RESULT_FIELDS, "val_loss_at_early_stop",
-                                                            "masks_identical_on_ranks")})
-        tracking.end_child(run_id)
+        with tracking.child(f"seed {seed} {kind}" + (f" round {round_}" if round_ else ""),
+                            {"kind": kind, "round": round_, "replicate_seed": seed}) as child:
+            _log_masks(child, net, report)
+            result = train_ticket(params, net, data, seed, pruner, child)
+            row = {"seed": seed, "kind": kind, "round": round_,
+                   "weights_remaining": report["total"]["percent_remaining"], **result}
+            child.log_metrics({k: row[k] for k in (*RESULT_FIELDS, "val_loss_at_early_stop", "masks_identical_on_ranks")})
         rows.append(row)
         print(f"[{len(rows)}/{total}] seed {seed} round {round_} {kind}: {row['weights_remaining']:.1f}% remaining, "
               f"early stop at iteration {row['early_stop_iter']} (test acc {row['test_acc_at_early_stop']:.4f}), "
               f"final test acc {row['final_test_acc']:.4f}", flush=True)
-        return net, pruner
 
     ticket = fresh_net(seed)
     pruner = PruneRewind(rates, params.pruning, params.rewind_step)
     for round_ in range(params.rounds + 1):
         pruner.prune_at_end = round_ < params.rounds
         ticket_masks = {k: m.clone() for k, m in masks(ticket).items()}
-        ticket, pruner = train_child("dense" if round_ == 0 else "winning", round_, ticket, pruner)
+        train_child("dense" if round_ == 0 else "winning", round_, ticket, pruner)
         if round_ == 0:
             continue
         control_seed = seed + 1000 * round_
@@ -180,14 +174,14 @@ def run_replicate(params: Params, seed: int, tracking, rows: list[dict], total: 
     return layer_rates(ticket, rates)
 
 
-def _log_masks(tracking, run_id: str, net, report: dict) -> None:
+def _log_masks(child, net, report: dict) -> None:
     """The training's masks (masks.npz, one boolean array per layer) and its per-layer sparsity report
     (with each layer's kind and prune rate)."""
-    tracking.log_dict(report, "sparsity.json", run_id=run_id)
+    child.log_dict(report, "sparsity.json")
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "masks.npz")
         np.savez_compressed(path, **{name: m.detach().cpu().bool().numpy() for name, m in masks(net).items()})
-        tracking.client.log_artifact(run_id, path)
+        child.log_artifact(path)
 
 
 def _mean_fields(rows: list[dict]) -> dict:
@@ -203,6 +197,16 @@ def summarize(params: Params, rows: list[dict]) -> dict:
         entry = {kind: _mean_fields(pick(kind, round_)) for kind in ("winning", *params.controls)}
         rounds.append({"weights_remaining": entry["winning"]["weights_remaining"], **entry})
     return {"dense": {k: dense[k] for k in ("early_stop_iter", "test_acc_at_early_stop")}, "rounds": rounds}
+
+
+def headline(summary: dict) -> str:
+    """The sparsest round: the ticket's early stop and accuracy against each control's, and the dense net's."""
+    dense, last = summary["dense"], summary["rounds"][-1]
+    controls = [k for k in ("random_reinit", "random_prune") if k in last]
+    row = lambda name, r: f"{name} stops at {r['early_stop_iter']:.0f} with {r['test_acc_at_early_stop']:.3f}"
+    return (f"at {last['weights_remaining']:.1f}% of the weights: " + "; ".join(
+        [row("winning ticket", last["winning"]), *(row(k, last[k]) for k in controls),
+         row("dense net", dense)]))
 
 
 def _figures(params: Params, rows: list[dict], tracking) -> None:

@@ -69,8 +69,8 @@ def parse(cls, argv: list[str], prog: str):
     for f in dataclasses.fields(cls):
         converters[f.name] = _parser_for(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE",
-                            help=f"{f.metadata.get('help', '')} (default: {format_value(default)})")
+        text = f"{f.metadata.get('help', '')} (default: {format_value(default)})"
+        parser.add_argument(f"--{f.name}", default=None, metavar="VALUE", help=text.replace("%", "%%"))  # argparse formats %
     try:
         namespace = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed its one-line usage error

@@ -81,8 +81,11 @@ PER_BATCH_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_zero
 
 
 def datamodule(params, **options) -> ArrayDataModule:
-    """The pipeline's data (--dataset, --data_dir, --download, --batch_size, --seed), set up."""
-    data = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed, **options)
+    """The pipeline's data (--dataset, --data_dir, --download, --batch_size, --seed; `options` add to or
+    override them), set up."""
+    flags = {"dataset": params.dataset, "data_dir": params.data_dir, "download": params.download,
+             "batch_size": params.batch_size, "seed": params.seed}
+    data = ArrayDataModule(**{**flags, **options})
     data.setup()
     return data
 
@@ -301,6 +304,11 @@ def _worker(path: str) -> None:
         job.module.to("cpu")
         torch.save({"weights": job.module.state_dict(), "module": _state(job.module, public_only=True),
                     "callbacks": [_state(callback) for callback in job.callbacks]}, path + ".out")
+    # Leave together and close the group: a rank that exits while gloo's threads still serve the other
+    # one can abort ("terminate called without an active exception"), which a loaded machine made happen.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -176,3 +176,18 @@ def test_ddp_on_two_cpu_processes_runs_the_orchestration_once(run_pipeline):
     for child in result.children:  # rank 0 alone logged: one value per epoch, not one per rank
         steps = [m.step for m in result.client.get_metric_history(child.info.run_id, "train_loss")]
         assert len(steps) == 2 and steps[0] < steps[1]
+
+
+def test_help_text_may_hold_a_percent_sign(capsys):
+    """argparse formats help strings with %: a literal % (e.g. '10% of the weights') must not crash --help."""
+    from dataclasses import dataclass
+
+    from pipelines.params import CommonParams, param
+
+    @dataclass
+    class Params(CommonParams):
+        rate: float = param(0.1, "prune 10% of the weights per round")
+
+    with pytest.raises(SystemExit) as exit_:
+        parse(Params, ["--help"], "p")
+    assert exit_.value.code == 0 and "prune 10% of the weights" in capsys.readouterr().out
