@@ -29,17 +29,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-NORMS = ("none", "bn", "noisy_bn")
+NORMS = ("none", "bn", "noisy_bn", "shifted_bn")
 
 
 class NoisyBatchNorm(nn.Module):
     """BatchNorm followed by Santurkar et al.'s (2018) "noisy BatchNorm": distributional instability on purpose.
 
-    In training, every forward pass draws afresh, independently for each activation (a channel at a
-    position, shared by the examples of the batch), a shift m ~ U(-scale, scale) and a spread
-    s ~ U(1 - scale/2, 1 + scale/2), and returns s * BN(x) + m: each activation's distribution over the
-    batch gets a non-zero mean and a non-unit variance that change at every step. Both average out
-    (E[m] = 0, E[s] = 1), so eval mode is plain BN, as dropout's eval is the expected training net.
+    In training, every forward pass (one step) draws, independently for each activation j (a channel
+    at a position), the parameters of a noise distribution: a mean mu_j ~ U(-scale, scale) and a
+    standard deviation sigma_j ~ U(scale/2, 3 scale/2). Each example i then gets its own noise,
+    i.i.d. from that distribution: y_ij = BN(x)_ij + mu_j + sigma_j * e_ij, e_ij ~ N(0, 1). So the
+    noise has a non-zero mean and a non-unit variance, both redrawn at every step, and each
+    activation's distribution over the batch moves (mean + mu_j, variance + sigma_j^2) from step to
+    step: internal covariate shift, made large. mu averages out (E[mu] = 0), so eval mode is plain
+    BN, as dropout's eval is the expected training net.
     """
 
     def __init__(self, batchnorm: nn.Module, scale: float = 1.0):
@@ -48,10 +51,30 @@ class NoisyBatchNorm(nn.Module):
 
     def forward(self, x):
         y = self.batchnorm(x)
-        if not self.training or self.scale == 0:
-            return y
-        shift = (2 * torch.rand(y.shape[1:], device=y.device, dtype=y.dtype) - 1) * self.scale
-        spread = 1 + (torch.rand(y.shape[1:], device=y.device, dtype=y.dtype) - 0.5) * self.scale
+        return self.perturb(y) if self.training and self.scale != 0 else y
+
+    def perturb(self, y: torch.Tensor) -> torch.Tensor:
+        like = dict(device=y.device, dtype=y.dtype)
+        mean = (2 * torch.rand(y.shape[1:], **like) - 1) * self.scale  # this step's distribution, per activation
+        std = (0.5 + torch.rand(y.shape[1:], **like)) * self.scale
+        return y + mean + std * torch.randn(y.shape, **like)  # one draw per example and activation
+
+
+class ShiftedBatchNorm(NoisyBatchNorm):
+    """A control for noisy BatchNorm: the same step-to-step instability of each activation's distribution, no per-example noise.
+
+    Every step draws, per activation, a shift m ~ U(-scale, scale) and a spread s ~ U(1 - scale/2,
+    1 + scale/2) shared by all examples, and returns s * BN(x) + m: each activation's distribution
+    over the batch gets a new non-zero mean and non-unit variance at every step (internal covariate
+    shift alone), while the examples keep their exact order within it. Noisy BN does both; comparing
+    the two tells whether a cost of noisy BN comes from the shift or from the per-example noise.
+    Needs scale < 2 (a positive spread).
+    """
+
+    def perturb(self, y: torch.Tensor) -> torch.Tensor:
+        like = dict(device=y.device, dtype=y.dtype)
+        shift = (2 * torch.rand(y.shape[1:], **like) - 1) * self.scale
+        spread = 1 + (torch.rand(y.shape[1:], **like) - 0.5) * self.scale
         return spread * y + shift
 
 
@@ -62,7 +85,8 @@ def norm_layer(norm: str, channels: int, dims: int = 2) -> nn.Module | None:
     if norm == "none":
         return None
     batchnorm = nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
-    return NoisyBatchNorm(batchnorm) if norm == "noisy_bn" else batchnorm
+    wrappers = {"noisy_bn": NoisyBatchNorm, "shifted_bn": ShiftedBatchNorm}
+    return wrappers[norm](batchnorm) if norm in wrappers else batchnorm
 
 
 def _image_shape(input_shape: tuple[int, ...], name: str) -> tuple[int, int, int]:

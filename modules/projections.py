@@ -109,9 +109,10 @@ class SparseProjection(_Projection):
     """Very sparse random projection: in the rows of each layer block of size D_l, each entry is
     nonzero with probability 1/sqrt(D_l), +-D_l^(1/4) / sqrt(D) with equal odds (Li et al.'s
     sqrt(s) x +-1 with s = sqrt(D_l), over sqrt(D)): variance 1/D in every block, as in dense. So a
-    column's expected squared norm is 1, and its part in a block is D_l / D of that. (One scale for all blocks would give a block a share of sqrt(D_l) /
-    sum_l sqrt(D_l): in FC 784-200-200-10, 94x its size's share for the 10 output biases, 21x
-    for a 200-entry bias, 0.75x for the 784 x 200 weights.)
+    column's expected squared norm is 1, and its part in a block is D_l / D of that. (One scale for
+    all blocks would give a block a share of sqrt(D_l) / sum_l sqrt(D_l): in FC 784-200-200-10, 94x
+    its size's share for the 10 output biases, 21x for a 200-entry bias, 0.75x for the 784 x 200
+    weights.)
 
     `layer_sizes` partitions D into blocks (default: one block). A column left without any
     nonzero (likely only for tiny D) gets a +-1 at a random row, so every coordinate of theta_d

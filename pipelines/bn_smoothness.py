@@ -1,10 +1,13 @@
-"""BatchNorm smooths the loss landscape (Santurkar, Tsipras, Ilyas & Madry 2018, "How does batch normalization help optimization?").
+"""BatchNorm smooths the loss landscape (Santurkar, Tsipras, Ilyas & Madry 2018, "How does batch normalization help
+optimization?").
 
     mlflow run . -e bn_smoothness --env-manager local
     python -m pipelines bn_smoothness --variants none,bn,noisy_bn --lrs 0.02,0.05
     python -m pipelines bn_smoothness --dataset cifar10 --model vgg11 --lrs 0.05,0.1 --max_epochs 30   # the paper's setting
 
-Each variant (no normalization, BatchNorm, noisy BatchNorm) at each learning rate is a child run.
+Each variant (no normalization, BatchNorm, noisy BatchNorm: per-example noise after every BN whose
+per-activation mean and variance are redrawn at every step; on request `shifted_bn`, its control
+with the step's shift and no per-example noise) at each learning rate is a child run.
 While it trains, `callbacks.smoothness.SmoothnessProbe` probes the landscape every --probe_every
 steps along the gradient, at theta - eta * g for eta = c * lr, c in --etas: the range of the loss,
 the change of the gradient and the effective beta-smoothness; and the internal covariate shift of
@@ -24,15 +27,12 @@ import math
 import statistics
 from dataclasses import dataclass
 
-import lightning as L
 
 from callbacks.smoothness import QUANTILES, SmoothnessProbe, weight_layers
-from datamodules.datamodule import ArrayDataModule
-from modules.classifier import ClassifierModule
 from modules.nets import NORMS, NoisyBatchNorm, build_net
 from pipelines.figures import line_plot, plt
 from pipelines.params import CommonParams, UsageError, param, require
-from pipelines.training import Hardware, TrainJob, fit
+from pipelines.training import datamodule, recipe, train
 
 MODELS = ("small_vgg", "vgg11", "deep_linear")  # the zoo's nets that take a `norm`
 
@@ -41,14 +41,19 @@ MODELS = ("small_vgg", "vgg11", "deep_linear")  # the zoo's nets that take a `no
 class Params(CommonParams):
     """Santurkar et al. 2018: BatchNorm vs none vs noisy BatchNorm; landscape smoothness probes; ICS."""
 
-    dataset: str = param("digits", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, cifar10)")
+    dataset: str = param("digits", "dataset name (embedded: mnist5k, digits, mnist1d; torchvision: mnist, fashion_mnist, "
+                                   "cifar10)")
     max_epochs: int = param(15, "epoch budget of each training")
     lr: float = param(0.02, "not used here: the learning rates are --lrs")
     model: str = param("small_vgg", "network (each built with norm = the variant)", choices=MODELS)
-    variants: tuple[str, ...] = param(NORMS, "normalizations after each conv/linear layer", choices=NORMS)
+    variants: tuple[str, ...] = param(("none", "bn", "noisy_bn"), "normalizations after each conv/linear layer "
+                                      "(shifted_bn: noisy BN's control, the step's shift without per-example noise)",
+                                      choices=NORMS)
     lrs: tuple[float, ...] = param((0.02, 0.05), "learning rates (each variant trains at each)")
     momentum: float = param(0.9, "SGD momentum")
-    noise_scale: float = param(1.0, "noisy BN: shift ~ U(-s, s), spread ~ U(1 - s/2, 1 + s/2), per activation and step")
+    noise_scale: float = param(1.0, "noisy BN: each step, each activation's noise has mean ~ U(-s, s) and std ~ U(s/2, 3s/2), "
+                                    "every example draws its own, added after BN; shifted_bn: s * BN + m, m ~ U(-s, s), "
+                                    "s ~ U(1 - s/2, 1 + s/2) per activation and step (0: plain BN)")
     probe_every: int = param(8, "probe the landscape every this many steps")
     etas: tuple[float, ...] = param((0.5, 1.0, 2.0, 4.0), "probe step sizes along -g, in multiples of the learning rate")
     ics_layers: tuple[int, ...] = param((2, 4), "weight layers (Conv/Linear, from 0, in forward order) whose ICS is measured")
@@ -62,8 +67,14 @@ class Params(CommonParams):
         require(self.probe_every >= 1, "probe_every", f"must be at least 1, got {self.probe_every}")
         require(len(self.etas) > 0, "etas", "give at least one step size")
         require(min(self.etas) > 0, "etas", f"step sizes must be positive, got {min(self.etas)}")
-        require(0 <= self.noise_scale < 2, "noise_scale", f"{self.noise_scale} is outside [0, 2) (the spread must stay positive)")
+        require(math.isfinite(self.noise_scale) and self.noise_scale >= 0, "noise_scale",
+                f"must be a finite non-negative number, got {self.noise_scale}")
+        require(self.noise_scale < 2 or "shifted_bn" not in self.variants, "noise_scale",
+                f"{self.noise_scale} is not below 2, which shifted_bn needs (its spread must stay positive)")
         require(0 <= self.momentum < 1, "momentum", f"{self.momentum} is outside [0, 1)")
+
+    def preflight(self) -> None:
+        super().preflight()
         layers = self._weight_layers()
         require(all(1 <= i < layers for i in self.ics_layers), "ics_layers",
                 f"layers must be in [1, {layers - 1}] ({self.model} has {layers} weight layers; layer 0 has no earlier layer)")
@@ -71,30 +82,28 @@ class Params(CommonParams):
                 f"must be in [0, {layers - 1}] ({self.model} has {layers} weight layers)")
 
     def _weight_layers(self) -> int:
-        from datamodules.sources import load
-
-        arrays = load(self.dataset, self.data_dir, self.download, self.seed)
+        arrays = self.arrays()
         try:
             return len(weight_layers(build_net(self.model, arrays.input_shape, arrays.num_classes)))
         except ValueError as error:  # e.g. a conv net on flat inputs
             raise UsageError("model", str(error)) from None
 
 
-def train_one(params: Params, variant: str, lr: float, run_id: str | None, tracking_uri: str) -> dict:
+def train_one(params: Params, variant: str, lr: float, child) -> dict:
     """Trains one variant at one learning rate under the probe; returns its history and probe records."""
-    datamodule = ArrayDataModule(params.dataset, params.data_dir, params.download, params.batch_size, params.seed)
-    datamodule.setup()
-    L.seed_everything(params.seed, verbose=False)
-    net = build_net(params.model, datamodule.input_shape, datamodule.num_classes, norm=variant)
-    for module in net.modules():
-        if isinstance(module, NoisyBatchNorm):
-            module.scale = params.noise_scale
-    classifier = ClassifierModule(net, "cross_entropy", params.optimizer, lr, params.momentum, eval_splits=("test",))
+    data = datamodule(params)
+
+    def net():
+        built = build_net(params.model, data.input_shape, data.num_classes, norm=variant)
+        for module in built.modules():
+            if isinstance(module, NoisyBatchNorm):
+                module.scale = params.noise_scale
+        return built
+
     probe = SmoothnessProbe(params.probe_every, tuple(c * lr for c in params.etas), params.ics_layers,
                             params.activation_layer)
-    job = fit(TrainJob(classifier, datamodule, Hardware.from_params(params), params.max_epochs, params.seed,
-                       [probe], run_id, tracking_uri))
-    return {"history": job.module.history, "records": job.callbacks[0].records, "chance": 1 / datamodule.num_classes}
+    trained = train(recipe(params, data, net, lr=lr, momentum=params.momentum, callbacks=[probe]), child)
+    return {"history": trained.history, "records": probe.records, "chance": 1 / data.num_classes}
 
 
 def _finite(value: float) -> float | None:
@@ -128,25 +137,25 @@ def run(params: Params, tracking) -> dict:
     results, summary = {}, {}
     for index, (variant, lr) in enumerate(trainings, start=1):
         key = f"{variant}@{lr:g}"
-        run_id = tracking.child(key, {"variant": variant, "run_lr": lr})
-        result = train_one(params, variant, lr, run_id, tracking.uri)
-        entry = summarize(result)
-        for record in result["records"]:
-            ics = list(record.get("ics", {}).values())
-            tracking.log_metrics(run_id, {
-                "probe_loss_range": record["loss_range"], "probe_grad_change": record["grad_change_max"],
-                "probe_beta": record["beta"], "probe_ics_l2": statistics.fmean(l2 for l2, _ in ics) if ics else None,
-                "probe_ics_cos": statistics.fmean(c for _, c in ics) if ics else None}, step=record["step"])
-        tracking.log_metrics(run_id, {k: v for k, v in entry.items() if k != "died"})
-        tracking.client.set_tag(run_id, "died", str(entry["died"]).lower())
-        tracking.log_dict({"records": result["records"]}, "smoothness.json", run_id=run_id)
-        tracking.end_child(run_id)
+        with tracking.child(key, {"variant": variant, "run_lr": lr}) as child:
+            result = train_one(params, variant, lr, child)
+            entry = summarize(result)
+            for record in result["records"]:
+                ics = list(record.get("ics", {}).values())
+                child.log_metrics({
+                    "probe_loss_range": record["loss_range"], "probe_grad_change": record["grad_change_max"],
+                    "probe_beta": record["beta"], "probe_ics_l2": statistics.fmean(l2 for l2, _ in ics) if ics else None,
+                    "probe_ics_cos": statistics.fmean(c for _, c in ics) if ics else None}, step=record["step"])
+            child.log_metrics({k: v for k, v in entry.items() if k != "died"})
+            child.set_tag("died", entry["died"])
+            child.log_dict({"records": result["records"]}, "smoothness.json")
         tracking.log_metrics(None, {f"{variant}_lr{lr:g}_{k}": entry[k] for k in
                                     ("final_test_acc", "loss_range_mean", "grad_change_mean", "beta_median")})
         results[key], summary[key] = result, entry
+        short = lambda k: "nan" if entry[k] is None else f"{entry[k]:.4g}"  # None: NaN, or no probe after step 0
         print(f"[{index}/{len(trainings)}] {key}: train_acc={entry['final_train_acc']} test_acc={entry['final_test_acc']} "
-              f"loss_range={entry['loss_range_mean']:.4g} grad_change={entry['grad_change_mean']:.4g} "
-              f"beta_median={entry['beta_median']:.4g} beta_max={entry['beta_max']:.4g} "
+              f"loss_range={short('loss_range_mean')} grad_change={short('grad_change_mean')} "
+              f"beta_median={short('beta_median')} beta_max={short('beta_max')} "
               f"ics_l2={entry['ics_l2_mean']} ics_cos={entry['ics_cos_mean']}{' DIED' if entry['died'] else ''}",
               flush=True)
     _figures(params, results, tracking)

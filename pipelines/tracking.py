@@ -218,23 +218,11 @@ class Tracking:
         return f"View the runs: mlflow ui --backend-store-uri {mask_url(self.uri)} then open http://127.0.0.1:5000/{page}"
 
 
-class ChildRun(str):
-    """One training's run: its id, what it logs, and a context manager that ends it.
+class ChildRun:
+    """One training's run (`with tracking.child(name, params) as run:`): its id, what it logs, and how it ends."""
 
-    (A str, the run id, while pipelines still pass ids around; see `Tracking.child`.)
-    """
-
-    def __new__(cls, run_id: str, tracking: Tracking):
-        run = super().__new__(cls, run_id)
-        run.tracking = tracking
-        return run
-
-    def __reduce__(self):  # crosses to DDP workers as the plain id, without the client
-        return (str, (str(self),))
-
-    @property
-    def id(self) -> str:
-        return str(self)
+    def __init__(self, run_id: str, tracking: Tracking):
+        self.id, self.tracking = run_id, tracking
 
     @property
     def tracking_uri(self) -> str:

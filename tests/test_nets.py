@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from modules.nets import NETS, NoisyBatchNorm, build_net, count_parameters
+from modules.nets import NETS, NoisyBatchNorm, ShiftedBatchNorm, build_net, count_parameters
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 
@@ -118,11 +118,11 @@ def test_same_seed_same_weights(name):
 
 @pytest.mark.parametrize("name, input_shape, norm", [
     ("small_vgg", MNIST, "noisy_bn"), ("vgg11", CIFAR, "noisy_bn"), ("deep_linear", MNIST, "bn"),
-    ("deep_linear", (40,), "noisy_bn")])
+    ("deep_linear", (40,), "noisy_bn"), ("small_vgg", MNIST, "shifted_bn")])
 def test_norm_variants_follow_every_hidden_layer(name, input_shape, norm):
     net = build_net(name, input_shape, 7, norm=norm)
     assert net(torch.randn(4, *input_shape)).shape == (4, 7)
-    kind = NoisyBatchNorm if norm == "noisy_bn" else nn.BatchNorm1d
+    kind = {"noisy_bn": NoisyBatchNorm, "shifted_bn": ShiftedBatchNorm}.get(norm, nn.BatchNorm1d)
     modules = list(net.modules())
     # every conv (VGG) or every hidden linear layer (deep linear) is directly followed by the norm
     hidden = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d if name != "deep_linear" else nn.Linear)]
@@ -141,7 +141,40 @@ def test_deep_linear_is_linear():
     torch.testing.assert_close(net(x + z) - bias, (net(x) - bias) + (net(z) - bias))
 
 
-def _affine_noise(noisy: NoisyBatchNorm, x: torch.Tensor):
+def _noise(noisy: NoisyBatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """What one training-mode forward adds to BN(x)."""
+    z = nn.functional.batch_norm(x, None, None, noisy.batchnorm.weight, noisy.batchnorm.bias, training=True)
+    return noisy(x) - z
+
+
+def test_noisy_batchnorm_draws_iid_noise_per_example_from_a_per_step_per_activation_distribution():
+    torch.manual_seed(0)
+    scale = 0.8
+    noisy = NoisyBatchNorm(nn.BatchNorm2d(8), scale)
+    half = torch.randn(1000, 8, 4, 4) * 3 + 1
+    x = torch.cat([half, half])  # every example twice: BN(x) is the same for both copies, the noise must not be
+    noise = _noise(noisy, x)
+    assert (noise[:1000] - noise[1000:]).abs().min() > 0
+    # per activation (channel x position, 128 of them), the noise's mean ~ U(-scale, scale) and std ~ U(scale/2, 3 scale/2),
+    # estimated over 2,000 examples (standard error of a mean <= 1.2 / sqrt(2000) = 0.03)
+    mean, std = noise.mean(0), noise.std(0)
+    assert mean.shape == (8, 4, 4) and mean.abs().max() < scale + 0.1
+    assert std.min() > scale / 2 - 0.1 and std.max() < 1.5 * scale + 0.1
+    assert abs(mean.mean()) < 0.15 and abs(mean.var() - scale**2 / 3) < 0.08
+    assert abs(std.mean() - scale) < 0.1 and abs(std.var() - scale**2 / 12) < 0.03
+    # a non-zero mean and a non-unit variance for most activations (U(-0.8, 0.8): 88% beyond 0.1; 75% of variances off 1 by 0.2)
+    assert (mean.abs() > 0.1).float().mean() > 0.7 and ((std**2 - 1).abs() > 0.2).float().mean() > 0.6
+    # given its activation's distribution, each example's noise is independent of the others'
+    standardized = ((noise - mean) / std).flatten(1)
+    correlation = standardized @ standardized.T / standardized.shape[1]
+    off_diagonal = correlation[~torch.eye(len(x), dtype=torch.bool)]
+    assert abs(off_diagonal.mean()) < 0.01 and off_diagonal.abs().mean() < 0.1  # 128 products each: |r| ~ 0.07
+    # the next step draws a new distribution
+    mean2 = _noise(noisy, x).mean(0)
+    assert abs(torch.corrcoef(torch.stack([mean.flatten(), mean2.flatten()]))[0, 1]) < 0.3
+
+
+def _affine_noise(noisy: ShiftedBatchNorm, x: torch.Tensor):
     """(spread, shift) per activation, recovered from y = spread * BN(x) + shift by least squares over the batch."""
     z = nn.functional.batch_norm(x, None, None, noisy.batchnorm.weight, noisy.batchnorm.bias, training=True)
     y = noisy(x)
@@ -152,10 +185,10 @@ def _affine_noise(noisy: NoisyBatchNorm, x: torch.Tensor):
     return spread, shift
 
 
-def test_noisy_batchnorm_draws_fresh_noise_per_step_and_activation():
+def test_shifted_batchnorm_draws_one_affine_map_per_step_and_activation():
     torch.manual_seed(0)
     scale = 0.8
-    noisy = NoisyBatchNorm(nn.BatchNorm2d(16), scale)
+    noisy = ShiftedBatchNorm(nn.BatchNorm2d(16), scale)
     x = torch.randn(64, 16, 8, 8) * 3 + 1
     spread, shift = _affine_noise(noisy, x)
     spread2, shift2 = _affine_noise(noisy, x)
@@ -173,9 +206,11 @@ def test_noisy_batchnorm_draws_fresh_noise_per_step_and_activation():
     assert (y.mean(0).abs() > 1e-3).float().mean() > 0.95 and ((y.var(0) - 1).abs() > 1e-3).float().mean() > 0.9
 
 
-def test_noisy_batchnorm_is_plain_batchnorm_in_eval_and_at_scale_zero():
+
+@pytest.mark.parametrize("kind", [NoisyBatchNorm, ShiftedBatchNorm])
+def test_noisy_batchnorm_is_plain_batchnorm_in_eval_and_at_scale_zero(kind):
     torch.manual_seed(0)
-    noisy = NoisyBatchNorm(nn.BatchNorm1d(5), 1.0)
+    noisy = kind(nn.BatchNorm1d(5), 1.0)
     x = torch.randn(32, 5)
     noisy(x)  # one training step updates the running statistics
     noisy.eval()
@@ -183,7 +218,7 @@ def test_noisy_batchnorm_is_plain_batchnorm_in_eval_and_at_scale_zero():
     state = torch.get_rng_state()
     noisy(x)
     assert torch.equal(state, torch.get_rng_state())  # no noise drawn in eval
-    quiet = NoisyBatchNorm(nn.BatchNorm1d(5), 0.0)
+    quiet = kind(nn.BatchNorm1d(5), 0.0)
     torch.testing.assert_close(quiet(x), nn.functional.batch_norm(x, None, None, quiet.batchnorm.weight,
                                                                   quiet.batchnorm.bias, training=True))
 
