@@ -385,7 +385,7 @@ def headline(summary: dict) -> str:
         return (f"subspace training beats a direct net of as many parameters in {wins} of "
                 f"{len(summary['points'])} pairs (baseline {summary['baseline_acc']:.3f})")
     measured = [s["d_int90"] for s in summary["seeds"] if s["d_int90_is"] == "measured"]
-    spread = f" ({min(measured):,}-{max(measured):,} over {len(measured)} seeds)" if len(measured) > 1 else ""
+    spread = f" ({min(measured):,.0f}-{max(measured):,.0f} over {len(measured)} seeds)" if len(measured) > 1 else ""
     return f"{_d_int90_label(summary)}{spread}, baseline {summary['baseline_acc']:.3f}, D = {summary['D']:,}"
 
 

@@ -60,7 +60,7 @@ def test_ddp_two_processes(run_pipeline):
 def _runs(seed: int, variants=("none", "bn"), lr: float = 0.02, noise_scale: float = 1.0) -> dict:
     """small_vgg on digits, 15 epochs (180 steps): the no-BN net leaves its initial plateau near step 100 and learns."""
     params = Params(dataset="digits", max_epochs=15, seed=seed, probe_every=8, ics_layers=(), noise_scale=noise_scale)
-    return {variant: summarize(train_one(params, variant, lr, None, "")) for variant in variants}
+    return {variant: summarize(train_one(params, variant, lr, None)) for variant in variants}
 
 
 def _assert_bn_is_smoother(runs: dict, factor: float) -> None:
