@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 
 from pipelines import NAMES, load
 from pipelines.params import UsageError, parse
-from pipelines.tracking import Tracking
+from pipelines.tracking import Tracking, interrupt, interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("mlflow", "alembic"):  # database set-up chatter is not the user's business
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pipeline = load(name)
+    for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a scheduler's stop: the open runs end KILLED
+        signal.signal(stop, interrupt)
     try:
         params = parse(pipeline.Params, argv[1:], prog=prog)
         params.preflight()  # what needs the data, a net or a storage: still before any run exists
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):
+        if not interrupted():
+            raise
+        print(f"{prog}: interrupted; the open runs are marked KILLED", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=1)[:4000])
     print(tracking.ui_hint())
     return 0

@@ -94,11 +94,26 @@ def generic_headline(name: str, summary: dict) -> str:
     return f"{name}: {', '.join(numbers)}" if numbers else f"{name}: finished"
 
 
+_interrupted = False
+
+
+def interrupt(signum, frame) -> None:
+    """The handler of SIGINT and SIGTERM: remembers the interrupt, then raises KeyboardInterrupt. Inside
+    a fit Lightning turns that into exit(1), so the flag, not the exception, says the runs were killed."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    return _interrupted
+
+
 def run_status(exc_type) -> str:
-    """How a run ends: FINISHED, KILLED when interrupted (Ctrl-C), FAILED on any other exception."""
+    """How a run ends: FINISHED, KILLED when interrupted (Ctrl-C, SIGTERM), FAILED on any other exception."""
     if exc_type is None:
         return "FINISHED"
-    return "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+    return "KILLED" if _interrupted or issubclass(exc_type, KeyboardInterrupt) else "FAILED"
 
 
 class Tracking:
@@ -151,6 +166,11 @@ class Tracking:
         status = run_status(exc_type)
         if self._monitor:
             self._monitor.finish()
+            # and one sample at the end: MLflow's loop publishes only after a full interval, so a run
+            # shorter than it would have none
+            self._monitor.collect_metrics()
+            self._monitor.publish_metrics(self._monitor.aggregate_metrics())
+            self._monitor.mlflow_logger.flush()
         for run_id in list(self._open_children):
             self.end_child(run_id, status)
         if exc_type is not None:

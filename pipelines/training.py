@@ -225,7 +225,7 @@ def _plain(value):
         return _plain(value.value)
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # not a namedtuple: it would need its class to load
         items = [_plain(v) for v in value]
         return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else type(value)(items)
     if isinstance(value, dict) and all(isinstance(k, (str, int)) for k in value):
@@ -287,13 +287,18 @@ def _launch_ranks(command: list[str], env: dict, hardware: Hardware) -> list[sub
 
 
 def _wait(ranks: list[subprocess.Popen]) -> list[int]:
-    """Exit codes of every rank; a rank that fails stops the others, which would wait for it forever."""
-    while any(rank.poll() is None for rank in ranks):
-        if any(rank.returncode for rank in ranks):
-            for rank in ranks:
-                if rank.poll() is None:
-                    rank.kill()
-        time.sleep(0.1)
+    """Exit codes of every rank; a rank that fails stops the others, which would wait for it forever, and
+    an interrupted launcher stops them all."""
+    try:
+        while any(rank.poll() is None for rank in ranks):
+            if any(rank.returncode for rank in ranks):
+                break
+            time.sleep(0.1)
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+                rank.wait()
     return [rank.returncode for rank in ranks]
 
 

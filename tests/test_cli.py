@@ -191,3 +191,33 @@ def test_help_text_may_hold_a_percent_sign(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(Params, ["--help"], "p")
     assert exit_.value.code == 0 and "prune 10% of the weights" in capsys.readouterr().out
+
+
+def test_sigterm_ends_the_open_runs_killed_and_exits_130(tracking_uri):
+    """A scheduler's SIGTERM mid-pipeline: the training's child run and the parent end KILLED (nothing
+    left RUNNING), the process says so in one line and exits 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    process = subprocess.Popen([sys.executable, "-m", "pipelines", "xor", "--ks", "2", "--seeds", "200",
+                                "--clustering_init", "false", "--system_metrics", "false",
+                                "--tracking_uri", tracking_uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # the first training finished; wait until the second one's run is open
+        if line.startswith("[1/"):
+            break
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("xor").experiment_id
+    while not client.search_runs([experiment], "attributes.run_name = 'k=2 seed=1'"):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("interrupted; the open runs are marked KILLED")
+    runs = client.search_runs([experiment])
+    statuses = {run.info.run_name: run.info.status for run in runs}
+    assert "RUNNING" not in statuses.values() and list(statuses.values()).count("KILLED") == 2, statuses
+    assert statuses["k=2 seed=0"] == "FINISHED"
