@@ -6,7 +6,7 @@ model development", which the MLflow UI opens on its runs). It is tagged `pipeli
 after what it measures (`run_name`), samples the machine's CPU, memory and GPU as `system/` metrics
 (`--system_metrics`), and ends with `summary.json`, the figures under `figures/` and a description
 (`mlflow.note.content`: a headline, the summary's numbers, the command that reproduces it).
-On an exception every open run is marked FAILED and what was logged stays. Parameters `mlflow run`
+On an exception every open run is marked FAILED (KILLED on Ctrl-C or SIGTERM) and what was logged stays. Parameters `mlflow run`
 already logged are never logged again (MLflow refuses a second, differently spelled value).
 No password of a tracking or storage URL is logged or printed: `pipelines.redact.mask_url`.
 """
@@ -279,11 +279,10 @@ class ChildRun:
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.entities import DatasetInput, InputTag
 
+        source = CodeDatasetSource({"dataset": data.dataset, "corruption": str(data.corruption)})
         inputs = []
         for split, (x, y) in data.splits.items():
-            digest = _digest(x, y)
-            source = CodeDatasetSource({"dataset": data.dataset, "corruption": str(data.corruption)})
-            dataset = MetaDataset(source, name=data.dataset, digest=digest)._to_mlflow_entity()
+            dataset = MetaDataset(source, name=data.dataset, digest=_digest(x, y))._to_mlflow_entity()
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", split)]))
         self.tracking.client.log_inputs(self.id, datasets=inputs)
 
