@@ -7,31 +7,31 @@ seeds, builds the `ClassifierModule`, logs the dataset to the child run and retu
 its callbacks and the hardware flags.
 Where nothing can tell, Lightning is handed 8 consecutive mini-batches per training step (the same
 optimizer steps, a fraction of Lightning's per-step cost: `steps_per_call`).
-`fit(job)` trains in this process on one device. With several devices (DDP), the training runs as
-its own process group: `python -m pipelines.training JOB` once per rank of this node, started
-together. A pipeline's orchestration
-(sweeps, the Optuna loop, pruning rounds) runs once, and only rank 0 logs and writes the trained
-job back.
+
+Every training leaves its state (weights, the module's and callbacks' plain attributes, the random
+generators) as the child run's artifact `trained/<k>.pt`: a resumed run's reused child loads it
+instead of training again. Under DDP every rank of the pipeline's process group
+(`pipelines.distributed`) trains together, and then holds rank 0's state (callbacks that probe on
+rank 0 only included), so the orchestration goes on the same on every rank.
 """
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
+import random
 import sys
-import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
 from datamodules.datamodule import ArrayDataModule
 from modules.classifier import ClassifierModule
+from pipelines.distributed import broadcast, on_rank_zero, world_size
 
 # Lightning reports every Trainer's hardware and warns about our ready-made batches and about epochs
 # shorter than its per-step logging interval (we log per epoch, never per step): noise here.
@@ -143,7 +143,8 @@ class Trained:
 
 
 def train(recipe: Recipe, run=None) -> Trained:
-    """Seeds, builds the net and its `ClassifierModule`, trains; metrics and the dataset go to `run`."""
+    """Seeds, builds the net and its `ClassifierModule`, trains; metrics and the dataset go to `run`, and the
+    trained state to its artifact trained/<k>.pt. A `reused` run (resume) hands that state back untrained."""
     data = recipe.data
     if not data.splits:
         data.setup()
@@ -151,12 +152,26 @@ def train(recipe: Recipe, run=None) -> Trained:
     net = recipe.net if isinstance(recipe.net, nn.Module) else recipe.net()
     module = ClassifierModule(net, recipe.loss, recipe.optimizer, recipe.lr, recipe.momentum, recipe.weight_decay,
                               recipe.lr_decay, eval_splits=recipe.eval_splits or data.eval_splits, fused=recipe.fused)
+    callbacks = list(recipe.callbacks)
+    index = run.trainings if run is not None else 0
+    if run is not None:
+        run.trainings += 1
+    if run is not None and run.reused:
+        _restore(module, callbacks, on_rank_zero(run.load_trained, index))
+        return Trained(module, data, callbacks)
     if run is not None:
         run.log_dataset(data)
-    job = fit(TrainJob(module, data, recipe.hardware, recipe.max_epochs, recipe.seed, list(recipe.callbacks),
-                       run.id if run is not None else None, run.tracking_uri if run is not None else "",
-                       recipe.max_steps, recipe.check_val_every_n_epoch, recipe.val_check_interval))
-    return Trained(job.module, data, job.callbacks)
+    fit(TrainJob(module, data, recipe.hardware, recipe.max_epochs, recipe.seed, callbacks,
+                 run.id if run is not None else None, run.tracking_uri if run is not None else "",
+                 recipe.max_steps, recipe.check_val_every_n_epoch, recipe.val_check_interval))
+    module.to("cpu")  # the pipelines evaluate on the CPU, and a reused training is loaded there
+    state = _state_of(module, callbacks)
+    if world_size() > 1:  # rank 0's callbacks' state (some probe on rank 0 only) on every rank
+        state = broadcast(state)
+        _restore(module, callbacks, state)
+    if run is not None:
+        run.save_trained(index, state)
+    return Trained(module, data, callbacks)
 
 
 def steps_per_call(job: TrainJob) -> int:
@@ -176,10 +191,12 @@ def steps_per_call(job: TrainJob) -> int:
 
 
 def make_trainer(job: TrainJob) -> L.Trainer:
-    from lightning.pytorch.loggers import MLFlowLogger
+    from pipelines.storage import RunLogger
 
     job.datamodule.steps_per_call = steps_per_call(job)
-    logger = MLFlowLogger(tracking_uri=job.tracking_uri, run_id=job.run_id) if job.run_id else False
+    # not Lightning's MLFlowLogger: ours keeps what a tracking server that went away cannot take, and leaves
+    # ending the run to the pipeline
+    logger = RunLogger(job.tracking_uri, job.run_id) if job.run_id else False
     hw = job.hardware
     return L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, strategy=hw.strategy, num_nodes=hw.num_nodes,
@@ -190,32 +207,16 @@ def make_trainer(job: TrainJob) -> L.Trainer:
         limit_val_batches=None if getattr(job.datamodule, "eval_splits", True) else 0)
 
 
-def _fit_here(job: TrainJob) -> L.Trainer:
+def fit(job: TrainJob) -> TrainJob:
+    """Trains `job.module` in this process (under DDP, with the other ranks of the pipeline's process group)."""
+    if job.hardware.world_size != world_size():
+        raise RuntimeError(f"{job.hardware.world_size} processes asked for, {world_size()} in the process group: "
+                           f"a DDP training runs inside a pipeline launched with its --devices "
+                           f"(`python -m pipelines NAME --devices N --strategy ddp`, torchrun or srun)")
     L.seed_everything(job.seed, verbose=False)
     trainer = make_trainer(job)
     trainer.fit(job.module, datamodule=job.datamodule)
-    return trainer
-
-
-def fit(job: TrainJob) -> TrainJob:
-    """Trains `job.module` and returns the job as rank 0 left it (module on the CPU, callbacks' state)."""
-    if job.hardware.world_size == 1:
-        _fit_here(job)
-        return job
-    with tempfile.TemporaryDirectory(prefix="train-job-") as folder:  # private (0700): only our ranks read it
-        path = os.path.join(folder, "job.pt")
-        torch.save(job, path)
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}
-        command = [sys.executable, "-m", "pipelines.training", path]
-        if "LOCAL_RANK" in os.environ:  # an outer launcher (torchrun) started us: Lightning joins its group
-            ranks = [subprocess.Popen(command, env=env)]
-        else:
-            ranks = _launch_ranks(command, env, job.hardware)
-        codes = _wait(ranks)
-        if any(codes):
-            raise RuntimeError(f"the DDP training process failed with exit codes {codes}")
-        _restore(job, load_plain(path + ".out"))
-        return job
+    return job
 
 
 def _plain(value):
@@ -237,19 +238,34 @@ def _plain(value):
 _NOT_PLAIN = object()
 
 
-def _state(obj, public_only: bool = False) -> dict:
+def _attributes(obj, public_only: bool = False) -> dict:
     """The plain-data attributes of a callback (or the public ones of a module, whose private ones are
     torch's bookkeeping): what a training changes in them besides the weights."""
     values = {k: _plain(v) for k, v in vars(obj).items() if not (public_only and k.startswith("_"))}
     return {k: v for k, v in values.items() if v is not _NOT_PLAIN}
 
 
-def _restore(job: TrainJob, state: dict) -> None:
-    job.module.load_state_dict(state["weights"])
-    for obj, values in ((job.module, state["module"]), *zip(job.callbacks, state["callbacks"])):
+def _state_of(module: ClassifierModule, callbacks: list) -> dict:
+    """What a training leaves, as plain data: weights, attributes, and the random generators' state (so a
+    pipeline that goes on drawing after a reused training draws what it would have after a real one)."""
+    numpy_state = np.random.get_state()
+    return {"weights": module.state_dict(), "module": _attributes(module, public_only=True),
+            "callbacks": [_attributes(callback) for callback in callbacks],
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}}
+
+
+def _restore(module: ClassifierModule, callbacks: list, state: dict) -> None:
+    module.load_state_dict(state["weights"])
+    for obj, values in ((module, state["module"]), *zip(callbacks, state["callbacks"])):
         for name, value in values.items():
             current = getattr(obj, name, None)  # an enum came as its value: back to its member
             setattr(obj, name, type(current)(value) if isinstance(current, Enum) else value)
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
 
 class UnsafeFile(Exception):
@@ -270,51 +286,3 @@ def load_plain(path: str):
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UnsafeFile(f"{path}: refused: it holds more than tensors and plain data, and loading it would "
                          f"run code ({reason})") from None
-
-
-def _launch_ranks(command: list[str], env: dict, hardware: Hardware) -> list[subprocess.Popen]:
-    """Starts this node's ranks at once, as Lightning's launcher would one after the other.
-
-    Lightning re-executes the script for rank 1.. only once rank 0 has imported everything and
-    reached `fit`; starting them together halves the start-up (~10 s of imports) of each training.
-    """
-    from lightning.fabric.plugins.environments.lightning import find_free_network_port
-
-    shared = {"MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-              "MASTER_PORT": env.get("MASTER_PORT", str(find_free_network_port())),
-              "NODE_RANK": env.get("NODE_RANK", "0"), "WORLD_SIZE": str(hardware.world_size)}
-    return [subprocess.Popen(command, env={**env, **shared, "LOCAL_RANK": str(rank)}) for rank in range(hardware.devices)]
-
-
-def _wait(ranks: list[subprocess.Popen]) -> list[int]:
-    """Exit codes of every rank; a rank that fails stops the others, which would wait for it forever, and
-    an interrupted launcher stops them all."""
-    try:
-        while any(rank.poll() is None for rank in ranks):
-            if any(rank.returncode for rank in ranks):
-                break
-            time.sleep(0.1)
-    finally:
-        for rank in ranks:
-            if rank.poll() is None:
-                rank.kill()
-                rank.wait()
-    return [rank.returncode for rank in ranks]
-
-
-def _worker(path: str) -> None:
-    job: TrainJob = torch.load(path, weights_only=False)
-    trainer = _fit_here(job)
-    if trainer.global_rank == 0:  # rank 0 hands back plain data only: the parent never unpickles it
-        job.module.to("cpu")
-        torch.save({"weights": job.module.state_dict(), "module": _state(job.module, public_only=True),
-                    "callbacks": [_state(callback) for callback in job.callbacks]}, path + ".out")
-    # Leave together and close the group: a rank that exits while gloo's threads still serve the other
-    # one can abort ("terminate called without an active exception"), which a loaded machine made happen.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

@@ -1,9 +1,8 @@
-"""pipelines.training: the DDP launch (every rank of the node at once, no rank left waiting), what rank 0
-hands back (plain data, loaded without unpickling), and when mini-batches are grouped."""
-import subprocess
-import sys
-import time
+"""pipelines.training: the state a training leaves (plain data, loaded without unpickling: what a resume
+reads and what rank 0 hands the other ranks), and when mini-batches are grouped."""
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,28 +10,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from callbacks.stopping import stop_when, stopped_by_threshold
 from modules.classifier import ClassifierModule
-from pipelines.training import (Hardware, TrainJob, UnsafeFile, _launch_ranks, _restore, _state, _wait, load_plain,
-                                steps_per_call)
-
-
-def test_ranks_start_with_their_own_local_rank_and_one_shared_address(tmp_path):
-    script = ("import os; e = os.environ; open(os.path.join(%r, e['LOCAL_RANK']), 'w').write("
-              "' '.join(e[k] for k in ('WORLD_SIZE', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT')))" % str(tmp_path))
-    ranks = _launch_ranks([sys.executable, "-c", script], {}, Hardware(devices=3, num_nodes=2))
-    assert _wait(ranks) == [0, 0, 0]
-    seen = {path.name: path.read_text().split() for path in tmp_path.iterdir()}
-    assert set(seen) == {"0", "1", "2"}
-    world_size, node_rank, address, port = seen["0"]
-    assert (world_size, node_rank, address) == ("6", "0", "127.0.0.1") and int(port) > 0
-    assert seen["1"] == seen["2"] == seen["0"]  # one rendezvous for every rank
-
-
-def test_a_failing_rank_stops_the_others():
-    ranks = [subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"]),
-             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])]
-    start = time.monotonic()
-    codes = _wait(ranks)
-    assert codes[0] == 3 and codes[1] != 0 and time.monotonic() - start < 30
+from pipelines.training import Hardware, TrainJob, UnsafeFile, _restore, _state_of, load_plain, steps_per_call
 
 
 def test_mini_batches_are_grouped_only_where_nothing_can_tell():
@@ -74,18 +52,20 @@ def test_a_file_that_would_run_code_when_unpickled_is_refused(tmp_path):
     assert load_plain(str(tmp_path / "plain.pt"))["history"] == [{"epoch": 0, "acc": 0.5}]
 
 
-def test_rank_zero_hands_back_weights_and_plain_state_only(tmp_path):
-    """What a DDP rank writes back loads without unpickling, and restores what training changed."""
+def test_a_training_state_is_plain_and_restores_weights_callbacks_and_random_generators(tmp_path):
+    """What a training leaves loads without unpickling and restores what training changed, the random
+    generators included (a resumed pipeline draws after a reused training what it drew after the real one)."""
     module, callback = ClassifierModule(torch.nn.Linear(2, 2)), stop_when("train_acc", 1.0)
     module.history = [{"epoch": 0, "train_acc": 0.75}]
-    callback.seen, callback.fn = [torch.zeros(1)], lambda: None  # a function is not data: not handed back
+    callback.seen, callback.fn = [torch.zeros(1)], lambda: None  # a function is not data: not kept
     callback.stopping_reason = EarlyStoppingReason.STOPPING_THRESHOLD  # an enum: pipelines ask why it stopped
-    state = {"weights": module.state_dict(), "module": _state(module, public_only=True),
-             "callbacks": [_state(callback)]}
+    state = _state_of(module, [callback])
     assert "fn" not in state["callbacks"][0] and not any(k.startswith("_") for k in state["module"])
-    fresh = TrainJob(ClassifierModule(torch.nn.Linear(2, 2)), None, Hardware(), 1,
-                     callbacks=[stop_when("train_acc", 1.0)])
-    torch.save(state, tmp_path / "out.pt")
-    _restore(fresh, load_plain(str(tmp_path / "out.pt")))
-    assert fresh.module.history == module.history and torch.equal(fresh.module.net.weight, module.net.weight)
-    assert torch.equal(fresh.callbacks[0].seen[0], torch.zeros(1)) and stopped_by_threshold(fresh.callbacks[0])
+    draws = (torch.rand(3), random.random(), np.random.rand())
+    torch.save(state, tmp_path / "trained.pt")
+    fresh, fresh_callback = ClassifierModule(torch.nn.Linear(2, 2)), stop_when("train_acc", 1.0)
+    _restore(fresh, [fresh_callback], load_plain(str(tmp_path / "trained.pt")))
+    assert fresh.history == module.history and torch.equal(fresh.net.weight, module.net.weight)
+    assert torch.equal(fresh_callback.seen[0], torch.zeros(1)) and stopped_by_threshold(fresh_callback)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
