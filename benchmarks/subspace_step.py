@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/subspace_step.py                      # dense, sparse, fastfood at d=750
     python benchmarks/subspace_step.py --projections fastfood,sparse --d 1000 --steps 300 --threads 1
+    python benchmarks/subspace_step.py --device cuda        (benchmarks/gpu_check.py runs this)
 
 Builds FC 784-200-200-10 (D = 199,210), a batch of 128 random MNIST-shaped inputs, and Adam
 (lr 1e-3) for the direct net and for SubspaceNet with each projection. After a warm-up, steps of
@@ -11,7 +12,7 @@ all models are interleaved (so machine load hits them alike) and each line repor
 median step times to the direct step, the memory the projection's buffers hold (dense at d=750:
 600 MB) and the ratio of minimum times, which is only telling on an otherwise idle machine. On
 cores shared with other busy processes, `--threads 1` gives steadier ratios: with two threads
-every parallel op waits for the slower thread.
+every parallel op waits for the slower thread. On CUDA each step is timed to its end (synchronized).
 """
 from __future__ import annotations
 
@@ -33,11 +34,13 @@ from modules.subspace import SubspaceNet  # noqa: E402
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    synchronize = torch.cuda.synchronize if x.is_cuda else lambda: None  # CUDA runs asynchronously
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
+        synchronize()
     return step
 
 
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per model first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.projections.split(",") if name.strip()]
     unknown = [name for name in names if name not in PROJECTIONS]
@@ -59,10 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    x, y = torch.randn(128, 1, 28, 28), torch.randint(10, (128,))
-    models = {"direct": build_net("fc", (1, 28, 28), 10)}
+    x, y = torch.randn(128, 1, 28, 28, device=args.device), torch.randint(10, (128,), device=args.device)
+    models = {"direct": build_net("fc", (1, 28, 28), 10).to(args.device)}
     for name in names:
-        models[name] = SubspaceNet(build_net("fc", (1, 28, 28), 10), args.d, name, seed=args.seed)
+        models[name] = SubspaceNet(build_net("fc", (1, 28, 28), 10), args.d, name, seed=args.seed).to(args.device)
     steps = {name: make_step(model, x, y) for name, model in models.items()}
     for step in steps.values():
         for _ in range(args.warmup):
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     direct_median, direct_min = statistics.median(times["direct"]), min(times["direct"])
     print(f"direct D={sum(p.numel() for p in models['direct'].parameters())} "
           f"step_ms={direct_median * 1e3:.3f} (min {direct_min * 1e3:.3f}), "
-          f"{torch.get_num_threads()} threads, {args.steps} interleaved steps")
+          f"{torch.get_num_threads()} threads, {args.steps} interleaved steps, {args.device}")
     for name in names:
         memory_mb = models[name].projection.memory_bytes() / 2**20
         print(f"{name} d={args.d} step_ratio={statistics.median(times[name]) / direct_median:.2f} "

@@ -85,8 +85,8 @@ def critical_samples(net: torch.nn.Module, x: torch.Tensor, step: float, noise: 
 class MemorizationTracker(L.Callback):
     """Per-example correctness after every epoch, and the CSR of a fixed subset every `csr_every` epochs.
 
-    Results are plain attributes (they come back from a DDP worker): `correct` (epochs x examples,
-    bool), `csr` [(epoch, ratio)].
+    Results are plain attributes: `correct` (epochs x examples, bool), `csr` [(epoch, ratio)]; under DDP
+    on global rank 0 only (empty on the other ranks, unless `pipelines.training.train` gave them rank 0's).
     """
 
     def __init__(self, csr_examples: int = 256, csr_every: int = 1, seed: int = 0, step: float = PROTOCOL["step"],

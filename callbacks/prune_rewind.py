@@ -26,7 +26,10 @@ masks; the callback does that in `setup`, before Lightning restores a checkpoint
 
 Under DDP the weights agree on every rank, so magnitude masks agree; the masks are still broadcast
 from rank 0 after pruning, and random masks come from a seeded generator, the same in any process.
-`rank_digests` records, at the start and end of every training, one mask digest per rank.
+`rank_digests` records, at the start and end of every training, one mask digest per rank (gathered:
+every rank holds all of them). So every rank holds the same masks, theta_0, theta_k and digests,
+under a plain `Trainer(strategy="ddp")` too (examples/prune_rewind.py); `EarlyStopTrace` as well
+(its metrics are reduced over the ranks, and every rank measures the whole test split).
 """
 from __future__ import annotations
 

@@ -25,8 +25,10 @@ normalizes), the later ones keep the trained net's. "rewind" measures stale stat
 the layer's weights. Nets without BatchNorm are probed identically under both.
 
 The probe runs on rank 0 only, on a deep copy of `pl_module.net` (no collectives): the trained net
-is never changed. Results stay on the callback as plain numbers (`probes`, `result`, `distance`),
-so they survive the DDP round trip of `pipelines.training`.
+is never changed. Results stay on the callback as plain numbers (`probes`, `result`, `distance`).
+Under DDP only global rank 0 holds them and the kept states; on the other ranks they stay empty
+(`result` is None). `pipelines.training.train` gives every rank rank 0's state; a plain
+`Trainer(strategy="ddp")` does not (examples/rewind_probe.py reads them on rank 0).
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ copies of its parameters and buffers, so neither the weights, the BatchNorm runn
 any .grad is touched, and each evaluation restarts from the torch RNG state the training step itself
 uses (noisy BatchNorm then draws the step's own noise at every probe point); the RNG state is put
 back afterwards. Under DDP only rank 0 probes, on its shard of the batch, with `pl_module.net` (the
-unwrapped net: autograd.grad on it starts no gradient all-reduce) and no collectives.
+unwrapped net: autograd.grad on it starts no gradient all-reduce) and no collectives; so only rank 0
+holds `records` (empty on the other ranks, unless `pipelines.training.train` gave them rank 0's).
 """
 from __future__ import annotations
 

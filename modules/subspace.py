@@ -50,8 +50,11 @@ class SubspaceNet(nn.Module):
         self.theta_d = nn.Parameter(torch.zeros(d))
 
     def theta(self) -> torch.Tensor:
-        """The full parameter vector theta0 + P theta_d (differentiable in theta_d)."""
-        return self.theta0 + self.projection(self.theta_d)
+        """The full parameter vector theta0 + P theta_d (differentiable in theta_d), in theta_d's precision."""
+        # theta is the parameters, not an activation: under mixed precision (autocast) the projection's
+        # products would otherwise run in 16 bits (Fastfood's Hadamard GEMMs, dense/sparse mv on CUDA).
+        with torch.autocast(self.theta_d.device.type, enabled=False):
+            return self.theta0 + self.projection(self.theta_d)
 
     def parameters_dict(self) -> dict[str, torch.Tensor]:
         """The wrapped network's parameters at the current theta_d, as views of one theta."""

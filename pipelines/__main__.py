@@ -17,6 +17,7 @@ import sys
 
 from pipelines import NAMES, distributed, load
 from pipelines.params import UsageError, parse
+from pipelines.storage import StorageError
 from pipelines.tracking import Tracking, interrupt, interrupted
 from pipelines.training import Hardware
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         params = parse(pipeline.Params, argv[1:], prog=prog)
         params.preflight()  # what needs the data, a net or a storage: still before any run exists
         launch = distributed.start(Hardware.from_params(params), argv)  # one process group for the whole run
+        if not distributed.is_rank_zero():  # every rank runs the pipeline; one prints its progress
+            sys.stdout = open(os.devnull, "w")
         with Tracking(name, params) as tracking:
             summary = pipeline.run(params, tracking)
             tracking.log_summary(summary)
@@ -56,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: interrupted; the open runs are marked KILLED; run the same command again to resume",
                   file=sys.stderr)
         return 130
+    except StorageError as error:  # a full disk, an artifact location that cannot be written: the runs end FAILED
+        if speaks():
+            print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
     except Exception:
         failure = launch.failure() if launch else None
         if failure:  # another rank died first: say which, not this rank's broken connection

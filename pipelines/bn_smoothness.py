@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from callbacks.smoothness import QUANTILES, SmoothnessProbe, weight_layers
 from modules.nets import NORMS, NoisyBatchNorm, build_net
 from pipelines.figures import line_plot, plt
-from pipelines.params import CommonParams, UsageError, param, require
+from pipelines.params import CommonParams, param, require, require_distinct
 from pipelines.training import datamodule, recipe, train
 
 MODELS = ("small_vgg", "vgg11", "deep_linear")  # the zoo's nets that take a `norm`
@@ -72,6 +72,8 @@ class Params(CommonParams):
         require(self.noise_scale < 2 or "shifted_bn" not in self.variants, "noise_scale",
                 f"{self.noise_scale} is not below 2, which shifted_bn needs (its spread must stay positive)")
         require(0 <= self.momentum < 1, "momentum", f"{self.momentum} is outside [0, 1)")
+        for name in ("variants", "lrs", "etas", "ics_layers"):
+            require_distinct(getattr(self, name), name)
 
     def preflight(self) -> None:
         super().preflight()
@@ -82,11 +84,7 @@ class Params(CommonParams):
                 f"must be in [0, {layers - 1}] ({self.model} has {layers} weight layers)")
 
     def _weight_layers(self) -> int:
-        arrays = self.arrays()
-        try:
-            return len(weight_layers(build_net(self.model, arrays.input_shape, arrays.num_classes)))
-        except ValueError as error:  # e.g. a conv net on flat inputs
-            raise UsageError("model", str(error)) from None
+        return len(weight_layers(self.checked_net(self.model)))
 
 
 def train_one(params: Params, variant: str, lr: float, child) -> dict:

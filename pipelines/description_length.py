@@ -29,7 +29,7 @@ from datamodules.datamodule import ArrayDataModule
 from modules.classifier import ClassifierModule
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, param, require, require_fraction
+from pipelines.params import CommonParams, format_value, param, require, require_distinct, require_fraction
 from pipelines.training import datamodule, recipe, train
 
 LABELS = {"true": Corruption(), "random": Corruption("random_labels")}
@@ -66,6 +66,15 @@ class Params(CommonParams):
         require(self.examples >= 0, "examples", f"must be 0 (all) or a positive count, got {self.examples}")
         require(0 < self.holdout < 1, "holdout", f"{self.holdout} is outside (0, 1)")
         require(self.patience >= 1, "patience", f"must be a positive integer, got {self.patience}")
+        require(all(w >= 1 for w in self.widths), "widths", f"widths must be positive, got {format_value(self.widths)}")
+        require_distinct(self.labels, "labels")
+
+    def preflight(self) -> None:
+        super().preflight()
+        self.checked_net(self.model, **({"widths": self.widths} if self.model == "fc" else {}))
+        n = len(self.arrays().y_train)
+        require(self.examples <= n, "examples", f"{self.examples:,} is more than the {n:,} training examples of "
+                f"{self.dataset}")
 
 
 class SentPrefix(ArrayDataModule):

@@ -11,6 +11,7 @@ points, in one child run whose steps are the sizes:
 - `nn` (Figure 3): one hidden layer of H units, squared loss, SGD until the training set is
   classified without error or --max_epochs; size = (d+1)H + (H+1)K parameters, threshold n*K.
   Below the threshold each net starts from the previous (smaller) trained net (--weight_reuse).
+  Every net's per-epoch metrics (steps from 0 for each) and trained state also go to the nn run.
 - `forest` (Figure 4): scikit-learn random forests without bootstrap: one tree with more and more
   leaves up to the fully grown tree that interpolates, then more fully grown trees; size = leaves
   of the whole forest, threshold = the fully grown tree's leaves.
@@ -32,7 +33,7 @@ from modules.nets import build_net, count_parameters
 from modules.random_features import (RandomFourierFeatures, gaussian_kernel, kernel_interpolant, median_distance,
                                      min_norm_least_squares)
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, param, require, require_fraction
+from pipelines.params import CommonParams, param, require, require_distinct, require_fits, require_fraction
 from pipelines.training import datamodule, recipe, train
 
 METHODS = ("rff", "nn", "forest")
@@ -67,7 +68,7 @@ class Params(CommonParams):
         require(bool(self.methods), "methods", f"nothing to run; choose from {', '.join(METHODS)}")
         require(len(set(self.methods)) == len(self.methods), "methods", f"{','.join(self.methods)} repeats a method")
         require(self.sigma >= 0, "sigma", f"must be positive (or 0 for the median pairwise distance), got {self.sigma}")
-        require(self.momentum >= 0, "momentum", f"must be non-negative, got {self.momentum}")
+        require(0 <= self.momentum < 1, "momentum", f"{self.momentum} is outside [0, 1)")
         sweeps = {"rff": ("rff_features",), "nn": ("nn_parameters",), "forest": ("forest_leaves", "forest_trees")}
         for method in self.methods:
             require(any(getattr(self, flag) for flag in sweeps[method]), sweeps[method][0], f"empty sweep for {method}")
@@ -75,12 +76,24 @@ class Params(CommonParams):
             require(all(v > 0 for v in getattr(self, flag)), flag, "sizes must be positive")
         require_fraction(self.forest_leaves, "forest_leaves", low_open=True)
         require(all(t >= 1 for t in self.forest_trees), "forest_trees", "numbers of trees must be at least 1")
+        for flag in ("rff_features", "nn_parameters", "forest_leaves", "forest_trees"):
+            require_distinct(getattr(self, flag), flag)
 
     def preflight(self) -> None:
         super().preflight()
-        available = len(self.arrays().y_train)
+        arrays = self.arrays()
+        available = len(arrays.y_train)
         require(2 <= self.n <= available, "n",
                 f"{self.n} is outside [2, {available}], the size of {self.dataset}'s training set")
+        if "rff" in self.methods:  # the largest model's features of every training and test point, in float64
+            features = max(1, round(max(self.rff_features) * self.n))
+            require_fits(features * (self.n + len(arrays.y_test)), "rff_features", "cpu",
+                         f"the cosines of {features:,} random features at {self.n + len(arrays.y_test):,} points",
+                         bytes_each=8)
+        if "nn" in self.methods:
+            largest = max(self.nn_parameters) * self.n * arrays.num_classes
+            width = hidden_units(largest, math.prod(arrays.input_shape), arrays.num_classes)
+            self.checked_net("fc", "nn_parameters", widths=(width,))
 
 
 def risks(outputs: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -180,8 +193,9 @@ def sweep_nn(params: Params, data: ArrayDataModule, curve: Curve) -> None:
         size = count_parameters(net)
         if params.weight_reuse and previous is not None and size < curve.threshold:
             reuse_weights(previous, net)
+        # in the method's run: it keeps each net's trained state, so a resumed run reloads the sweep, not retrains it
         trained = train(recipe(params, data, net, loss="squared", momentum=params.momentum, lr_decay=LR_DECAY,
-                               callbacks=[stop_when("train_acc", 1.0)]))
+                               callbacks=[stop_when("train_acc", 1.0)]), curve.run)
         module, previous = trained.module, trained.net
         on_train, on_test = module.evaluate(x, y), module.evaluate(x_test, y_test)
         norm = torch.cat([p.detach().flatten() for p in module.net.parameters()]).norm().item()

@@ -8,35 +8,51 @@ reaches 90% of the directly trained net's accuracy.
     python -m pipelines intrinsic_dim --mode efficiency                        (Figure 9: direct vs subspace)
     python -m pipelines intrinsic_dim --mode architectures                     (Figure 7: d_int90 vs D)
 
-`--mode bisect` trains the direct net once (the baseline), then an Optuna study whose sampler
-bisects log d (`pipelines/bisection.py`): each trial is a child run that stops as soon as the
+`--mode bisect` trains the direct net once (the baseline), then an Optuna study whose trials
+bisect log d (`pipelines/bisection.py`): each trial is a child run that stops as soon as the
 criterion (validation accuracy; training accuracy under random labels, as in the paper) reaches
 the threshold, or at --max_epochs. The study lives in --storage, so running the same command
 again resumes it and trains no finished trial again. d_int90 is read off a monotone fit of
 accuracy against log d over all trials; `--seeds N` repeats the bisection and reports the spread.
+
+Parallel workers share one study: the same command started K times on one storage (one per GPU
+with CUDA_VISIBLE_DEVICES, or on several machines with PostgreSQL or a shared journal file), or
+`--workers K`, which starts the K - 1 others itself. Each worker trains the steps it claimed (a
+seed's next d, or the direct net), none is trained twice, and every worker ends with the
+one-worker summary (`pipelines/bisection.py: SharedStudy`). Under DDP (`--devices N --strategy
+ddp`, torchrun, srun) every rank trains and only global rank 0 reads and writes the study.
+
+    python -m pipelines intrinsic_dim --workers 3 --seeds 3
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
+import os
 import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import optuna
+from sqlalchemy.engine import make_url
 
 from callbacks.stopping import stop_when
 from datamodules.corruption import Corruption
 from modules.nets import build_net, count_parameters
 from modules.projections import PROJECTIONS
 from modules.subspace import SubspaceNet
-from pipelines.bisection import (BisectionSampler, default_storage, describe, estimate_d_int90, isotonic_curve,
-                                 next_d, open_storage)
+from pipelines.bisection import (Bisection, SharedStudy, default_storage, describe, estimate_d_int90,
+                                 isotonic_curve, next_d, open_storage)
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, UsageError, param, require, require_fraction
+from pipelines.params import (CommonParams, UsageError, defaults, format_value, param, require, require_distinct,
+                              require_fits, require_fraction, resolved_accelerator)
 from pipelines.redact import mask_url
-from pipelines.tracking import resolve_tracking_uri
+from pipelines.tracking import NOT_IN_DIGEST, resolve_tracking_uri
 from pipelines.training import datamodule, recipe, train
 
 MODES = ("bisect", "sweep", "efficiency", "architectures")
@@ -44,8 +60,8 @@ CORRUPTIONS = ("none", "shuffled_pixels", "random_labels")
 # Flags that change how the study is searched or where it is reported, not what a trial measures:
 # left out of the default study name, so changing them resumes the same study. (--seed stays in:
 # it draws the validation split and the corruption that the baseline and every trial share.)
-NOT_IN_STUDY = ("mode", "seeds", "d_min", "d_max", "resolution", "storage", "study_name", "tracking_uri",
-                "experiment_name", "data_dir", "download", "ds", "direct_widths", "arch_widths", "arch_depths")
+NOT_IN_STUDY = NOT_IN_DIGEST + ("mode", "seeds", "d_min", "d_max", "resolution", "storage", "study_name", "ds",
+                                "direct_widths", "arch_widths", "arch_depths")
 
 
 RUN_NAME_FIELDS = ("mode", "model", "dataset", "projection")  # e.g. "intrinsic_dim bisect fc mnist5k fastfood"
@@ -78,6 +94,8 @@ class Params(CommonParams):
                          "(default: optuna.db beside the MLflow SQLite database, else in the working directory)")
     study_name: str = param("", "Optuna study (default: derived from the flags that change what a trial measures); "
                             "the same name resumes the study")
+    workers: int = param(1, "start K worker processes on this storage, each with its own parent run, sharing the study's "
+                         "trainings (on a GPU machine, each on the next visible GPU); 1: this process only")
     ds: tuple[int, ...] = param((100, 200, 300, 500, 750, 1000, 1500, 2500, 5000), "subspace dimensions of --mode sweep")
     direct_widths: tuple[int, ...] = param((1, 2, 4, 8, 16), "--mode efficiency: hidden widths of the small direct "
                                            "FC nets; the subspace net trains at d = each one's parameter count")
@@ -86,7 +104,7 @@ class Params(CommonParams):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("d_min", "d_max", "seeds"):
+        for name in ("d_min", "d_max", "seeds", "workers"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.d_min <= self.d_max, "d_min", f"{self.d_min} is larger than --d_max {self.d_max}")
         require(self.resolution > 0, "resolution", f"must be positive, got {self.resolution}")
@@ -103,11 +121,30 @@ class Params(CommonParams):
             values = getattr(self, name)
             require(all(v >= 1 for v in values), name, f"must be positive integers, got {values}")
         require(bool(self.ds) or self.mode != "sweep", "ds", "--mode sweep needs at least one d")
+        require(bool(self.direct_widths) or self.mode != "efficiency", "direct_widths",
+                "--mode efficiency needs at least one width")
+        for name in ("arch_widths", "arch_depths"):
+            require(bool(getattr(self, name)) or self.mode != "architectures", name,
+                    "--mode architectures needs at least one")
+        for name in ("ds", "direct_widths", "arch_widths", "arch_depths"):
+            require_distinct(getattr(self, name), name)
+        if self.mode == "architectures":  # the deepest net's (depth - 1) width x width matrices: before building it
+            require_fits((max(self.arch_depths) - 1) * max(self.arch_widths) ** 2, "arch_depths", self.accelerator,
+                         f"the FC net of depth {max(self.arch_depths)} and width {max(self.arch_widths)}")
+        require(self.workers == 1 or self.mode in ("bisect", "architectures"), "workers",
+                f"workers share an Optuna study: --mode bisect or architectures, not {self.mode}")
+        require(self.workers == 1 or self.devices * self.num_nodes == 1, "workers", "a worker trains on one device: "
+                "--devices 1 with --workers (one DDP training at a time: --devices N without --workers)")
 
     def preflight(self) -> None:
         super().preflight()
+        if self.val_fraction:
+            self.check_validation_split(self.val_fraction, "val_fraction")
         self._check_sizes()
         if self.mode in ("bisect", "architectures"):
+            url = self.storage_url()
+            require(self.workers == 1 or not (url.startswith("sqlite") and make_url(url).database in (None, "", ":memory:")),
+                    "storage", f"{url!r} is a database in memory, which --workers processes cannot share: give a file")
             try:  # an unreachable database is bad input: found here, before any run exists
                 open_storage(self.storage_url())
             except Exception as error:  # noqa: BLE001 (drivers raise anything)
@@ -115,19 +152,31 @@ class Params(CommonParams):
                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
 
     def _check_sizes(self) -> None:
-        """Every d asked for must fit in the D of the net it projects into."""
-        D = D_of(self)
-        if self.mode == "bisect":
-            require(self.d_max <= D, "d_max", f"{self.d_max} is larger than the net's D = {D:,}")
-        elif self.mode == "sweep":
-            require(max(self.ds) <= D, "ds", f"{max(self.ds)} is larger than the net's D = {D:,}")
-        elif self.mode == "efficiency":
-            largest = D_of(dataclasses.replace(self, model="fc", widths=(max(self.direct_widths),)))
-            require(largest <= D, "direct_widths",
-                    f"the direct net of width {max(self.direct_widths)} has {largest:,} parameters, more than D = {D:,}")
+        """Every d asked for must fit in the D of the net it projects into; every net, and a dense projection
+        (d x D numbers), in the device's memory. The nets are built on the meta device (`checked_net`)."""
+        if self.mode == "architectures":
+            Ds = [self._D(p, "arch_widths") for p in architectures(self)]
+            require(self.d_max <= min(Ds), "d_max", f"{self.d_max} is larger than the smallest net's D = {min(Ds):,}")
+            d, D = self.d_max, max(Ds)
         else:
-            smallest = min(D_of(p) for p in architectures(self))
-            require(self.d_max <= smallest, "d_max", f"{self.d_max} is larger than the smallest net's D = {smallest:,}")
+            D = self._D(self)
+            if self.mode == "bisect":
+                require(self.d_max <= D, "d_max", f"{self.d_max} is larger than the net's D = {D:,}")
+                d = self.d_max
+            elif self.mode == "sweep":
+                require(max(self.ds) <= D, "ds", f"{max(self.ds)} is larger than the net's D = {D:,}")
+                d = max(self.ds)
+            else:  # efficiency: the subspace net trains at d = each direct net's parameter count
+                d = self._D(dataclasses.replace(self, model="fc", widths=(max(self.direct_widths),)), "direct_widths")
+                require(d <= D, "direct_widths",
+                        f"the direct net of width {max(self.direct_widths)} has {d:,} parameters, more than D = {D:,}")
+        if self.projection == "dense":
+            require_fits(d * D, "projection", self.accelerator, f"a dense projection of d = {d:,} into D = {D:,}")
+
+    def _D(self, params: "Params", size_flag: str | None = None) -> int:
+        """D of the net that `params` describe, on this dataset (built on the meta device)."""
+        options = {"widths": params.widths} if params.model == "fc" else {}
+        return count_parameters(self.checked_net(params.model, size_flag, **options))
 
     def storage_url(self) -> str:
         return self.storage or default_storage(resolve_tracking_uri(self.tracking_uri))
@@ -221,52 +270,47 @@ def baseline(params: Params, tracking, label: str = "") -> tuple[float, int]:
 
 
 def bisect(params: Params, tracking, label: str = "") -> tuple[dict, list[dict]]:
-    """d_int90 by bisection, one Optuna study, every seed; resumes a study that already holds trials.
+    """d_int90 by bisection, one Optuna study, every seed; resumes a study that already holds trials,
+    and shares it with every other worker on the same storage: this one trains what it claims.
 
     Returns the summary and one row per trial (with its seed, test accuracy, epochs and run id)."""
     study_name = params.study()
-    storage = open_storage(params.storage_url())
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
-    if "baseline_acc" not in study.user_attrs:  # trained once per study: every trial is judged against it
-        baseline_acc, D = baseline(params, tracking, label)
-        study.set_user_attr("baseline_acc", baseline_acc)
-        study.set_user_attr("D", D)
-    baseline_acc, D = study.user_attrs["baseline_acc"], study.user_attrs["D"]
+    study = SharedStudy(params.storage_url(), study_name, Bisection(params.d_min, params.d_max, params.resolution))
+    if params.reference and study.baseline() is None:
+        study.set_baseline(params.reference, D_of(params))
+    for claim in study.claims(seeds=None):  # the direct net, once per study: every trial is judged against it
+        with study.training(claim):
+            result = train_child(params, tracking, f"{label}direct", None, params.seed,
+                                 extra={"study_name": study_name, "optuna_trial": claim.number})
+        print(f"{label}direct net (D={result['D']:,}): {params.criterion}={result['acc']:.4f}", flush=True)
+        study.set_baseline(result["acc"], result["D"])
+        study.tell(claim, result["acc"], {params.criterion: result["acc"], "test_acc": result["test_acc"],
+                                          "epochs": result["epochs"], "mlflow_run_id": result["run_id"]})
+    baseline_acc, D = study.baseline()
     threshold_acc = params.threshold * baseline_acc
     print(f"{label}study {study_name!r} in {mask_url(params.storage_url())}: threshold {params.criterion} "
           f"{threshold_acc:.4f} = {params.threshold} x {baseline_acc:.4f}", flush=True)
 
     seeds = list(range(params.seed, params.seed + params.seeds))
-    for seed in seeds:
-        sampler = BisectionSampler(params.d_min, params.d_max, params.resolution, seed)
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
-        while sampler.proposal(study) is not None:
-            trial = study.ask()
-            d = trial.suggest_int("d", params.d_min, params.d_max, log=True)
-            trial.set_user_attr("seed", seed)
-            try:
-                result = train_child(params, tracking, f"{label}d={d} seed={seed}", d, seed, stop_at=threshold_acc,
-                                     extra={"study_name": study_name, "optuna_trial": trial.number})
-            except BaseException:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            passed = result["acc"] >= threshold_acc
-            # The trial's value is its criterion accuracy; its user attributes name it (val_acc or train_acc)
-            # beside the threshold, so optuna-dashboard's trial table reads on its own.
-            for key, value in {"passed": passed, params.criterion: result["acc"], "threshold_acc": threshold_acc,
-                               "test_acc": result["test_acc"], "epochs": result["epochs"],
-                               "mlflow_run_id": result["run_id"]}.items():
-                trial.set_user_attr(key, value)
-            study.tell(trial, result["acc"])
-            lo, hi = sampler.bracket(study)
-            print(f"{label}[seed {seed} trial {trial.number}] d={d}: {params.criterion}={result['acc']:.4f} "
+    for claim in study.claims(seeds):
+        d, seed = claim.d, claim.seed
+        with study.training(claim):
+            result = train_child(params, tracking, f"{label}d={d} seed={seed}", d, seed, stop_at=threshold_acc,
+                                 extra={"study_name": study_name, "optuna_trial": claim.number})
+        passed = result["acc"] >= threshold_acc
+        # The trial's value is its criterion accuracy; its user attributes name it (val_acc or train_acc)
+        # beside the threshold, so optuna-dashboard's trial table reads on its own.
+        if study.tell(claim, result["acc"], {"passed": passed, params.criterion: result["acc"],
+                                             "threshold_acc": threshold_acc, "test_acc": result["test_acc"],
+                                             "epochs": result["epochs"], "mlflow_run_id": result["run_id"]}):
+            lo, hi = study.bracket(seed)
+            print(f"{label}[seed {seed} trial {claim.number}] d={d}: {params.criterion}={result['acc']:.4f} "
                   f"{'passed' if passed else 'failed'} after {result['epochs']} epochs; bracket [{lo}, {hi}]", flush=True)
 
-    trials = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-              if t.user_attrs.get("seed") in seeds]
     rows = [{"d": t.params["d"], "acc": t.value, "passed": t.user_attrs["passed"],
              "seed": t.user_attrs["seed"], "trial": t.number, "test_acc": t.user_attrs["test_acc"],
-             "epochs": t.user_attrs["epochs"], "mlflow_run_id": t.user_attrs["mlflow_run_id"]} for t in trials]
+             "epochs": t.user_attrs["epochs"], "mlflow_run_id": t.user_attrs["mlflow_run_id"]}
+            for t in study.completed(seeds)]
     return _summary(rows, seeds, baseline_acc, threshold_acc, D), rows
 
 
@@ -337,6 +381,45 @@ def architecture_sweep(params: Params, tracking) -> dict:
 
 def run(params: Params, tracking) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is ours: one line per trial
+    with other_workers(params, tracking):
+        return _run(params, tracking)
+
+
+@contextlib.contextmanager
+def other_workers(params: Params, tracking) -> Iterator[None]:
+    """--workers K: K - 1 more processes of this command (with --workers 1), started now and waited for at
+    the end, each with its own parent run in this experiment; with a GPU, worker k sees only the k-th
+    visible one. They stop (SIGTERM) when this process fails."""
+    if params.workers == 1:
+        yield
+        return
+    default = defaults(Params)
+    flags = {name: format_value(value) for name, value in dataclasses.asdict(params).items()
+             if format_value(value) != default[name]}
+    flags.update(workers="1", experiment_name=tracking.client.get_experiment(tracking.experiment_id).name)
+    command = [sys.executable, "-m", "pipelines", "intrinsic_dim", *(f"--{k}={v}" for k, v in flags.items())]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # each its own parent, even under `mlflow run`
+    gpus = []
+    if resolved_accelerator(params.accelerator) == "gpu":  # this process trains on the first visible GPU
+        import torch
+
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(torch.cuda.device_count())))).split(",")
+    workers = [subprocess.Popen(command, env={**env, **({"CUDA_VISIBLE_DEVICES": gpus[k % len(gpus)]} if gpus else {})})
+               for k in range(1, params.workers)]
+    try:
+        yield
+    except BaseException:
+        for worker in workers:
+            worker.terminate()
+        raise
+    finally:
+        codes = [worker.wait() for worker in workers]
+    failed = [f"pid {w.pid} exited with code {code}" for w, code in zip(workers, codes) if code]
+    if failed:
+        raise RuntimeError(f"--workers: {', '.join(failed)} (the study holds what they finished)")
+
+
+def _run(params: Params, tracking) -> dict:
     if params.mode == "efficiency":
         summary = efficiency(params, tracking)
         tracking.log_metrics(None, {"D": summary["D"], "baseline_acc": summary["baseline_acc"]})

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from callbacks.rewind_probe import BN_STATS, RewindProbe
 from modules.nets import NETS, NORMS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, param, require
+from pipelines.params import CommonParams, param, require, require_distinct, require_fits
 from pipelines.training import datamodule, recipe, train
 
 NORM_NETS = ("vgg11", "small_vgg")
@@ -63,9 +63,27 @@ class Params(CommonParams):
         require(self.probe_every >= 0, "probe_every", f"must be 0 or a positive integer, got {self.probe_every}")
         require(self.robust_margin >= 0, "robust_margin", f"must be non-negative, got {self.robust_margin}")
         require(all(d >= 1 for d in self.depths), "depths", f"depths must be positive, got {self.depths}")
-        require(all(w >= 1 for w in self.widths) and self.depth_width >= 1, "widths", "widths must be positive")
+        require_distinct(self.depths, "depths")
+        require(all(w >= 1 for w in self.widths), "widths", "widths must be positive")
+        require(self.depth_width >= 1, "depth_width", f"must be a positive integer, got {self.depth_width}")
+        deepest = max(self.depths, default=1)  # its (depth - 1) width x width weight matrices: checked before building it
+        require_fits((deepest - 1) * self.depth_width ** 2, "depths", self.accelerator,
+                     f"the FCN of depth {deepest} and width {self.depth_width}")
+        require(0 <= self.momentum < 1, "momentum", f"{self.momentum} is outside [0, 1)")
         require(self.norm == "none" or self.model in NORM_NETS, "norm",
                 f"only {', '.join(NORM_NETS)} take a norm; {self.model} has its own")
+
+    def preflight(self) -> None:
+        super().preflight()
+        self.checked_net(self.model, **self.net_options())
+        if self.depths:
+            self.checked_net("fc", "depths", widths=(self.depth_width,) * max(self.depths))
+
+    def net_options(self) -> dict:
+        """The options of --model: the fc model's widths, the norm of a net that takes one."""
+        if self.model in NORM_NETS:
+            return {"norm": self.norm}
+        return {"widths": self.widths} if self.model == "fc" else {}
 
 
 def train_and_probe(params: Params, model: str, options: dict, child) -> RewindProbe:
@@ -181,10 +199,7 @@ def _label(config: tuple) -> str:
 
 
 def run(params: Params, tracking) -> dict:
-    options = {"widths": params.widths} if params.model == "fc" else {}
-    if params.model in NORM_NETS:
-        options = {"norm": params.norm}
-    main = _config(params.model, options)
+    main = _config(params.model, params.net_options())
     depth_configs = {d: _config("fc", {"widths": (params.depth_width,) * d}) for d in params.depths}
     configs = list(dict.fromkeys([main, *depth_configs.values()]))  # the default FCN is also a point of the sweep
     probes: dict[tuple, RewindProbe] = {}

@@ -34,7 +34,7 @@ from callbacks.prune_rewind import (PRUNINGS, EarlyStopTrace, PruneRates, PruneR
                                     sparsity_report, theta)
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, UsageError, param, require
+from pipelines.params import CommonParams, param, require, require_distinct
 from pipelines.training import datamodule, recipe, train
 
 CONTROLS = ("random_reinit", "random_prune")
@@ -75,24 +75,28 @@ class Params(CommonParams):
         for name in ("fc_rate", "output_rate"):
             require(0 < getattr(self, name) < 1, name, f"{getattr(self, name)} is outside (0, 1)")
         require(self.rounds >= 1, "rounds", f"must be a positive integer, got {self.rounds}")
+        require(self.rewind_step >= 0, "rewind_step", f"must be an iteration (0 or more), got {self.rewind_step}")
+        require_distinct(self.controls, "controls")
         require(self.seeds >= 1, "seeds", f"must be a positive integer, got {self.seeds}")
         require(0 < self.val_fraction < 1, "val_fraction", f"{self.val_fraction} is outside (0, 1)")
         require(self.val_every >= 1, "val_every", f"must be a positive integer, got {self.val_every}")
 
     def preflight(self) -> None:
         super().preflight()
-        arrays = self.arrays()
-        try:
-            net = build_net(self.model, arrays.input_shape, arrays.num_classes)
-        except ValueError as error:  # e.g. a conv net on 1-D features
-            raise UsageError("model", str(error)) from None
+        arrays, net = self.arrays(), self.checked_net(self.model)
+        self.check_validation_split(self.val_fraction, "val_fraction")
         sizes = {name: layer.weight.numel() for name, layer in prunable_layers(net).items()}
+        stalls = []  # per group: the rounds that prune some of its weights (a round that prunes none repeats the last)
         for names, rate in pruning_groups(layer_kinds(net), self.prune_rates(), self.pruning):
-            left = sum(sizes[n] for n in names)
-            for _ in range(self.rounds):
-                left -= pruned_count(left, rate)
+            left, pruning_rounds = sum(sizes[n] for n in names), 0
+            while pruning_rounds < self.rounds and pruned_count(left, rate) >= 1:
+                left, pruning_rounds = left - pruned_count(left, rate), pruning_rounds + 1
+            stalls.append((pruning_rounds, names, left, rate))
             require(left >= len(names), "rounds", f"{self.rounds} rounds at rate {rate} leave {left} "
-                    f"weights in {', '.join(names)}: fewer than one per layer")
+                    f"weights in layer {', '.join(names)}: fewer than one per layer")
+        pruning_rounds, names, left, rate = min(stalls)
+        require(pruning_rounds == self.rounds, "rounds", f"round {pruning_rounds + 1} would prune nothing of layer "
+                f"{', '.join(names)} ({left} weights left, rate {rate}): at most {pruning_rounds} rounds prune every layer")
         n_train = len(arrays.y_train) - round(self.val_fraction * len(arrays.y_train))
         iterations = self.max_epochs * math.ceil(n_train / self.batch_size)
         require(self.rewind_step < iterations, "rewind_step", f"{self.rewind_step} is not below the {iterations} "

@@ -28,7 +28,7 @@ from callbacks.stopping import stop_when, stopped_by_threshold
 from datamodules.corruption import Corruption
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, param, require, require_fraction
+from pipelines.params import CommonParams, format_value, param, require, require_distinct, require_fraction
 from pipelines.training import Trained, datamodule, recipe, train
 
 NOISE_KINDS = {"randY": "label_noise", "randX": "gaussian"}
@@ -83,6 +83,23 @@ class Params(CommonParams):
         require(self.model == "fc" or "dropout" not in self.regularizers, "regularizers",
                 "dropout is an option of the fc model only")
         require(0 < self.val_fraction < 1 or not self.regularizers, "val_fraction", f"{self.val_fraction} is outside (0, 1)")
+        require(all(w >= 1 for w in self.widths), "widths", f"widths must be positive, got {format_value(self.widths)}")
+        require(0 <= self.momentum < 1, "momentum", f"{self.momentum} is outside [0, 1)")
+        for name in ("noise_kinds", "regularizers", "dropout_rates", "weight_decays", "input_noise_stds"):
+            require_distinct(getattr(self, name), name)
+        for regularizer, flag in (("dropout", "dropout_rates"), ("weight_decay", "weight_decays"),
+                                  ("input_noise", "input_noise_stds")):
+            require(regularizer not in self.regularizers or getattr(self, flag), flag,
+                    f"--regularizers {regularizer} needs at least one strength")
+
+    def preflight(self) -> None:
+        super().preflight()
+        self.checked_net(self.model, **({"widths": self.widths} if self.model == "fc" else {}))
+        n = len(self.arrays().y_train)
+        require(self.train_subset <= n, "train_subset", f"{self.train_subset:,} is more than the {n:,} training "
+                f"examples of {self.dataset}")
+        if self.regularizers:
+            self.check_validation_split(self.val_fraction, "val_fraction", self.train_subset)
 
 
 class InputNoise(nn.Module):

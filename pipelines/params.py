@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -16,9 +18,25 @@ from dataclasses import dataclass, field
 class UsageError(Exception):
     """Bad input: reported as one line naming the flag, exit code 2, before any run is created."""
 
-    def __init__(self, flag: str, message: str):
-        super().__init__(f"--{flag}: {message}")
+    def __init__(self, flag: str | None, message: str):
+        message = " ".join(message.split())  # one line, whatever the message quotes (a library's own error)
+        super().__init__(f"--{flag}: {message}" if flag else message)
         self.flag = flag
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown flag, a flag without its value) as bad input too: one line, exit 2."""
+
+    def error(self, message: str):
+        named = re.search(r"--(\w+)", message)
+        if "expected one argument" in message:  # argparse reads a value such as -inf or -1e-3 as a flag
+            raise UsageError(named.group(1), f"expected a value (one that starts with '-' is written "
+                                             f"--{named.group(1)}=-1e-3)")
+        if message.startswith("unrecognized arguments"):
+            if named:
+                raise UsageError(named.group(1), f"unknown flag (`{self.prog} --help` lists the flags)")
+            message += " (every value follows its --flag)"
+        raise UsageError(None, message)
 
 
 def param(default, help: str, choices: tuple | None = None):
@@ -36,8 +54,15 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # float() takes nan and inf, which no flag means
+        raise ValueError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _scalar_parser(kind) -> typing.Callable[[str], object]:
-    return parse_bool if kind is bool else kind
+    return parse_bool if kind is bool else parse_float if kind is float else kind
 
 
 def _field_type(cls, f: dataclasses.Field):
@@ -64,7 +89,8 @@ def format_value(value) -> str:
 def parse(cls, argv: list[str], prog: str):
     """Parse `argv` into an instance of the dataclass `cls`, then run its `validate()` (value checks; the
     checks that load data or build nets are `preflight()`, which the caller runs before any run exists)."""
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip())
+    # No abbreviations: a flag is its field's name (MLflow passes those), and a new flag cannot make an old one ambiguous.
+    parser = _OneLineParser(prog=prog, description=(cls.__doc__ or "").strip(), allow_abbrev=False)
     converters = {}
     for f in dataclasses.fields(cls):
         converters[f.name] = _parser_for(cls, f)
@@ -128,13 +154,16 @@ class CommonParams:
     batch_size: int = param(128, "mini-batch size (global, across devices)")
     lr: float = param(0.01, "learning rate")
     optimizer: str = param("sgd", "optimizer", choices=("sgd", "adam"))
-    accelerator: str = param("cpu", "Lightning accelerator: cpu, gpu or auto")
+    accelerator: str = param("auto", "Lightning accelerator: auto (a GPU where there is one, else the CPU), cpu or gpu")
     devices: int = param(1, "devices (processes) per node")
-    strategy: str = param("auto", "Lightning strategy: auto or ddp (each training is its own DDP process group)")
+    strategy: str = param("auto", "Lightning strategy: auto or ddp (one process per device for the whole pipeline; "
+                          "also under torchrun or srun)")
     num_nodes: int = param(1, "number of nodes")
     precision: str = param("32-true", "Lightning precision: 32-true, 16-mixed, bf16-mixed")
     tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     experiment_name: str = param("", "MLflow experiment (default: the pipeline's name, or the one `mlflow run` chose)")
+    resume: bool = param(True, "continue the newest unfinished run of the same command (same parameters, tracking URI "
+                         "and experiment): trainings that FINISHED there are reused, not trained again; false: start afresh")
     system_metrics: bool = param(True, "log the machine's CPU, memory, disk, network and GPU use as system/ metrics "
                                  "of the parent run, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (default 10)")
 
@@ -146,15 +175,30 @@ class CommonParams:
         for name in ("max_epochs", "batch_size", "devices", "num_nodes"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        last_seed = self.seed + getattr(self, "seeds", 1) - 1  # a pipeline with --seeds also uses seed + 1, ...
+        require(self.seed >= 0 and last_seed < 2 ** 32, "seed", f"must lie in [0, 2^32 - 1] (NumPy's range), got "
+                f"{self.seed}" + (f" and --seeds reaches {last_seed}" if last_seed != self.seed else ""))
+        require(self.precision in PRECISIONS, "precision",
+                f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        self._check_tracking_uri()
         require(self.accelerator in ("cpu", "gpu", "cuda", "auto"), "accelerator",
                 f"unknown accelerator {self.accelerator!r}; choose from cpu, gpu, auto")
-        # ddp_spawn would hand back only the weights, not the callbacks' state that pipelines read.
+        # ddp_spawn would start processes per training, inside ranks that the pipeline's launch already started.
         require(self.strategy in ("auto", "ddp", "ddp_find_unused_parameters_true"), "strategy",
-                f"unknown strategy {self.strategy!r}; choose from auto, ddp (every training already runs as "
-                f"its own process group, so ddp_spawn is not needed)")
+                f"unknown strategy {self.strategy!r}; choose from auto, ddp (the pipeline starts its ranks once; "
+                f"ddp_spawn is not needed)")
         require(self.devices <= available_devices(self.accelerator), "devices",
                 f"{self.devices} requested but this machine has {available_devices(self.accelerator)} "
                 f"{'CPU cores' if resolved_accelerator(self.accelerator) == 'cpu' else 'GPUs'}")
+
+    def _check_tracking_uri(self) -> None:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")  # neither: the default SQLite database
+        if not uri or "://" in uri and not uri.startswith("file:"):
+            return
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE  # late: MLflow is slow to import
+
+        require(MLFLOW_ALLOW_FILE_STORE.get(), "tracking_uri", f"{uri!r} is a folder, MLflow's file store, which "
+                "MLflow refuses (unless MLFLOW_ALLOW_FILE_STORE=true); give a database such as sqlite:///mlflow.db")
 
     def preflight(self) -> None:
         """Checks that need the data, a net or a storage: run once, before any MLflow run exists, so that
@@ -172,8 +216,63 @@ class CommonParams:
             try:
                 self._arrays = load(self.dataset, self.data_dir, self.download, self.seed)
             except DataUnavailable as error:
-                raise UsageError("data_dir", str(error)) from None
+                raise UsageError("download" if self.download else "data_dir", str(error)) from None
+            except OSError as error:  # a download without a network, a --data_dir that cannot be written
+                raise UsageError("download" if self.download else "data_dir", f"cannot get {self.dataset} into "
+                                 f"{self.data_dir!r}: {getattr(error, 'reason', None) or error}") from None
         return self._arrays
+
+    def check_validation_split(self, fraction: float, flag: str, n: int = 0) -> None:
+        """The validation split that `fraction` of the n training examples makes (rounded, as the datamodule cuts
+        it) must hold at least one example and leave at least one to train on (n: 0 for the whole training set)."""
+        n = n or len(self.arrays().y_train)
+        held = round(fraction * n)
+        require(1 <= held < n, flag, f"{fraction} of {n:,} training examples holds {held} out for validation and "
+                f"leaves {n - held} to train on: each needs at least one")
+
+    def checked_net(self, model: str, size_flag: str | None = None, **options):
+        """`model` built for the dataset's inputs on the meta device (no memory, no time), for preflight checks:
+        a net that cannot take the inputs is bad input of --model; one too large for the device, of `size_flag`
+        (default: --widths when the options give widths, else --model)."""
+        import torch
+
+        from modules.nets import build_net, count_parameters
+
+        arrays = self.arrays()
+        try:
+            with torch.device("meta"):
+                net = build_net(model, arrays.input_shape, arrays.num_classes, **options)
+        except ValueError as error:  # e.g. a conv net on 1-D features, lenet on 8x8 digits
+            raise UsageError("model", f"{error} ({self.dataset})") from None
+        require_fits(count_parameters(net), size_flag or ("widths" if "widths" in options else "model"),
+                     self.accelerator, f"the net {model} on {self.dataset}")
+        return net
+
+
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+
+
+def require_distinct(values: tuple, flag: str) -> None:
+    """A sweep names each of its trainings once: a repeated value would train one twice, or silently merge."""
+    require(len(set(values)) == len(values), flag, f"{format_value(values)} repeats a value")
+
+
+def require_fits(numbers: int, flag: str, accelerator: str, what: str, bytes_each: int = 4) -> None:
+    """`numbers` (a net's parameters, float32 by default) must fit in the memory of the device that holds them:
+    a lower bound of what the computation needs, so only what cannot work is refused."""
+    need, (have, device) = numbers * bytes_each, device_memory(accelerator)
+    require(need <= have, flag, f"{what} holds {numbers:,} numbers, {need / 2 ** 30:,.1f} GiB: more than the "
+            f"{have / 2 ** 30:,.1f} GiB of this {device}")
+
+
+def device_memory(accelerator: str) -> tuple[int, str]:
+    """(bytes, what) of the memory of one device that trains: a GPU's, else the machine's."""
+    import psutil
+    import torch
+
+    if resolved_accelerator(accelerator) == "gpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "GPU"
+    return psutil.virtual_memory().total, "machine"
 
 
 def resolved_accelerator(accelerator: str) -> str:

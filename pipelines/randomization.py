@@ -16,7 +16,7 @@ from callbacks.stopping import stop_when, stopped_by_threshold
 from datamodules.corruption import Corruption
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, param, require, require_fraction
+from pipelines.params import CommonParams, format_value, param, require, require_distinct, require_fraction
 from pipelines.training import datamodule, recipe, train
 
 CONDITIONS = {"true_labels": "none", "random_labels": "random_labels", "shuffled_pixels": "shuffled_pixels",
@@ -45,6 +45,19 @@ class Params(CommonParams):
         require(bool(self.conditions) or bool(self.label_noise), "conditions", "nothing to run: no condition and no label_noise")
         require(self.fit_loss > 0, "fit_loss", f"must be positive, got {self.fit_loss}")
         require(0 <= self.dropout < 1, "dropout", f"{self.dropout} is outside [0, 1)")
+        require(self.dropout == 0 or self.model == "fc", "dropout", "dropout is an option of the fc model only")
+        require(all(w >= 1 for w in self.widths), "widths", f"widths must be positive, got {format_value(self.widths)}")
+        require_distinct(self.conditions, "conditions")
+        require_distinct(self.label_noise, "label_noise")
+        require(0 <= self.momentum < 1, "momentum", f"{self.momentum} is outside [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", f"must be non-negative, got {self.weight_decay}")
+        require(0 < self.lr_decay <= 1, "lr_decay", f"{self.lr_decay} is outside (0, 1]")
+
+    def preflight(self) -> None:
+        super().preflight()
+        self.checked_net(self.model, **_net_options(self))
+        require(not self.augment or len(self.arrays().input_shape) == 3, "augment",
+                f"random crops need images; {self.dataset}'s inputs have shape {self.arrays().input_shape}")
 
 
 def _trainings(params: Params) -> dict[tuple[str, float], list[str]]:

@@ -30,7 +30,7 @@ from datamodules.datamodule import ArrayDataModule
 from datamodules.sources import xor_detection
 from modules.nets import build_net
 from pipelines.figures import line_plot, plt
-from pipelines.params import CommonParams, param, require
+from pipelines.params import CommonParams, param, require, require_distinct
 from pipelines.training import recipe, train
 
 STALL_DELTA = 1e-3  # a training loss that falls less than this in --patience epochs has stalled
@@ -68,6 +68,12 @@ class Params(CommonParams):
         if self.clustering_init:
             require(self.small_k >= 1, "small_k", f"must be a positive integer, got {self.small_k}")
             require(self.large_k > self.small_k, "large_k", f"must exceed --small_k {self.small_k}, got {self.large_k}")
+        require_distinct(self.ks, "ks")
+
+    def preflight(self) -> None:
+        super().preflight()
+        largest = max(self.ks + ((self.large_k,) if self.clustering_init else ()))
+        self.checked_net("xor_net", "ks" if largest in self.ks else "large_k", k=largest)
 
 
 class XorData(ArrayDataModule):

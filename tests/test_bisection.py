@@ -1,38 +1,52 @@
-"""The d_int90 search without training: the bisection sampler on a synthetic pass/fail predicate,
-its storages and resumption, and the monotone d_int90 estimate on non-monotone trials."""
+"""The d_int90 search without training: the bisection on a synthetic pass/fail predicate, its
+storages and resumption, workers sharing one study (claims, their races, gone workers), and the
+monotone d_int90 estimate on non-monotone trials."""
 from __future__ import annotations
 
+import collections
 import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
-from pipelines.bisection import (BisectionSampler, Estimate, bracket, default_storage, describe, estimate_d_int90,
-                                 next_d, open_storage)
+from pipelines import bisection
+from pipelines.bisection import (Bisection, Claim, Estimate, SharedStudy, Waiting, bracket, default_storage, describe,
+                                 estimate_d_int90, next_d, open_storage)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 D_MIN, D_MAX, RESOLUTION = 100, 5000, 0.1
+BISECTION = Bisection(D_MIN, D_MAX, RESOLUTION)
 
 
-def search(storage, study_name: str, passes, seed: int = 0, max_trials: int | None = None) -> list[int]:
-    """Runs the bisection with ask/tell as the pipeline does; returns the d of every new trial."""
-    sampler = BisectionSampler(D_MIN, D_MAX, RESOLUTION, seed)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, load_if_exists=True,
-                                direction="maximize")
+def search(storage, study_name: str, passes, seed: int = 0, max_trials: int | None = None,
+           worker: str | None = None) -> list[int]:
+    """Runs one seed's bisection as the pipeline does (claim, train, tell); returns the d of every new trial."""
+    study = SharedStudy(storage, study_name, BISECTION, worker)
     tried = []
-    while sampler.proposal(study) is not None and (max_trials is None or len(tried) < max_trials):
-        trial = study.ask()
-        d = trial.suggest_int("d", D_MIN, D_MAX, log=True)
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("passed", passes(d))
-        study.tell(trial, float(passes(d)))
-        tried.append(d)
+    for claim in study.claims([seed]):
+        with study.training(claim):
+            passed = passes(claim.d)
+        study.tell(claim, float(passed), {"passed": passed})
+        tried.append(claim.d)
+        if len(tried) == max_trials:  # stopped here, as if interrupted between two trials
+            break
     return tried
+
+
+def states(storage, study_name: str = "s") -> list[TrialState]:
+    return [t.state for t in optuna.load_study(study_name=study_name, storage=storage).trials]
 
 
 @pytest.mark.parametrize("true_d", [101, 737, 4999])
 def test_bisection_brackets_a_monotone_predicate_to_the_resolution(true_d):
-    tried = search(None, "s", lambda d: d >= true_d)
+    tried = search(optuna.storages.InMemoryStorage(), "s", lambda d: d >= true_d)
     lo, hi = bracket([(d, d >= true_d) for d in tried], D_MIN, D_MAX)
     assert lo < true_d <= hi and hi / lo <= 1 + RESOLUTION
     # Each trial halves log(hi/lo): the fewest trials that reach the resolution, no more.
@@ -53,7 +67,7 @@ def test_an_interrupted_search_resumes_without_repeating_a_trial(tmp_path, kind)
     url = {"sqlite": f"sqlite:///{tmp_path / 'optuna.db'}", "journal_path": str(tmp_path / "study.journal"),
            "journal_url": f"journal://{tmp_path / 'study.journal'}"}[kind]
     passes = lambda d: d >= 737
-    uninterrupted = search(None, "whole", passes)
+    uninterrupted = search(optuna.storages.InMemoryStorage(), "whole", passes)
     first = search(open_storage(url), "s", passes, max_trials=2)  # stopped after two trials
     second = search(open_storage(url), "s", passes)  # a new process: a fresh storage object and sampler
     assert first + second == uninterrupted
@@ -65,9 +79,115 @@ def test_each_seed_bisects_on_its_own_trials():
     seed0 = search(storage, "s", lambda d: d >= 300, seed=0)
     seed1 = search(storage, "s", lambda d: d >= 3000, seed=1)
     assert seed1[0] == seed0[0]  # seed 1 starts from the full range, not from seed 0's bracket
-    study = optuna.load_study(study_name="s", storage=storage)
-    assert BisectionSampler(D_MIN, D_MAX, RESOLUTION, 0).bracket(study)[1] < 330
-    assert BisectionSampler(D_MIN, D_MAX, RESOLUTION, 1).bracket(study)[0] > 2700
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert BISECTION.bracket(trials, 0)[1] < 330
+    assert BISECTION.bracket(trials, 1)[0] > 2700
+
+
+TRUE_D = {0: 300, 1: 737, 2: 3000}  # the synthetic d_int90 of each seed
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_workers_on_one_storage_train_nothing_twice_and_end_with_the_one_worker_trials(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(bisection, "POLL_S", 0.01)
+    url = {"sqlite": f"sqlite:///{tmp_path / 'optuna.db'}", "journal": str(tmp_path / "study.journal")}[kind]
+    open_storage(url)  # the schema, once (first use by several processes at once is the storage's business)
+    seeds = list(TRUE_D)
+    trained, ended = collections.Counter(), {}
+
+    def worker(name: str) -> None:
+        study = SharedStudy(open_storage(url), "s", BISECTION, worker=name)  # its own connection, as a process has
+        for claim in study.claims(None):  # the direct net: once
+            with study.training(claim):
+                trained["direct"] += 1
+                time.sleep(0.05)
+            study.set_baseline(0.95, 1)
+            study.tell(claim, 0.95, {})
+        for claim in study.claims(seeds):
+            with study.training(claim):
+                trained[claim.seed, claim.d] += 1
+                time.sleep(0.01)
+            study.tell(claim, float(claim.d >= TRUE_D[claim.seed]), {"passed": claim.d >= TRUE_D[claim.seed]})
+        ended[name] = [(t.user_attrs["seed"], t.params["d"], t.value) for t in study.completed(seeds)]
+
+    # pids 3, 6, 9: the same first seed for all three, so that they contend for every step
+    threads = [threading.Thread(target=worker, args=(f"elsewhere:{3 * k}",)) for k in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    alone = {(seed, d) for seed in seeds
+             for d in search(optuna.storages.InMemoryStorage(), "one", lambda d: d >= TRUE_D[seed], seed=seed)}
+    assert set(trained) == alone | {"direct"} and set(trained.values()) == {1}  # all of it, nothing twice
+    assert len(ended) == 3 and all(rows == ended["elsewhere:3"] for rows in ended.values())  # the same end everywhere
+    assert {(seed, d) for seed, d, _ in ended["elsewhere:3"]} == alone
+    assert optuna.load_study(study_name="s", storage=open_storage(url)).user_attrs["baseline_acc"] == 0.95
+    left = set(states(open_storage(url))) - {TrialState.COMPLETE, TrialState.PRUNED}
+    assert not left  # claims lost to another worker are PRUNED; none stays RUNNING
+
+
+def test_of_two_claims_on_one_step_only_the_first_holds(monkeypatch):
+    storage = optuna.storages.InMemoryStorage()
+    a, b = (SharedStudy(storage, "s", BISECTION, worker=f"elsewhere:{k}") for k in (1, 2))
+    d = BISECTION.proposal([], 0)
+    # Both read the study (seed 0 free, next d = d); B writes its claim between A's write and A's check.
+    claims, a_holds = {}, a._holds
+
+    def b_writes_first(claim: Claim) -> bool:
+        claims["b"] = b._claim(0, d)
+        return a_holds(claim)
+
+    monkeypatch.setattr(a, "_holds", b_writes_first)
+    claims["a"] = a._claim(0, d)
+    assert claims["a"] == Claim(claims["a"].trial_id, 0, 0, d) and claims["b"] is None  # the smaller number holds
+    assert states(storage) == [TrialState.RUNNING, TrialState.PRUNED]  # the lost claim is never trained
+    # B decided on (seed 0, d) from a read made before A's claim, and A has trained d and told it before B
+    # writes: at B's check no RUNNING trial of seed 0 is left; the claim lapses because the bisection moved on.
+    a.tell(claims["a"], 1.0, {"passed": True})
+    assert b._claim(0, d) is None
+    assert states(storage) == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
+    # The direct net: a second claim lapses once the baseline is known, RUNNING or not.
+    direct = a._claim(None, None)
+    assert b._claim(None, None) is None
+    a.set_baseline(0.9, 10)
+    a.tell(direct, 0.9, {})
+    assert b._claim(None, None) is None and b._next(None) is None
+
+
+def test_a_claim_of_a_gone_worker_is_claimed_again(monkeypatch):
+    storage = optuna.storages.InMemoryStorage()
+    # On this host, a worker whose process has ended: its claim is given up at once.
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    left = SharedStudy(storage, "s", BISECTION, worker=f"{socket.gethostname()}:{ended.pid}")._next([0])
+    assert isinstance(left, Claim)
+    again = SharedStudy(storage, "s", BISECTION)._next([0])
+    assert (again.seed, again.d) == (left.seed, left.d) and states(storage) == [TrialState.FAIL, TrialState.RUNNING]
+
+    # On another host: once its heartbeat has stood still for STALE_AFTER_S on the watcher's clock.
+    clock = [0.0]
+    monkeypatch.setattr(bisection, "time", types.SimpleNamespace(monotonic=lambda: clock[0], sleep=time.sleep))
+    far = SharedStudy(storage, "t", BISECTION, worker="elsewhere:1")._next([0])
+    here = SharedStudy(storage, "t", BISECTION)
+    looks = []
+    for beat, now in [(None, 0), (1, 100), (1, 200), (1, 219), (1, 220)]:  # a beat at 100, none after
+        if beat:
+            storage.set_trial_system_attr(far.trial_id, "heartbeat", beat)
+        clock[0] = now
+        looks.append(type(here._next([0])))
+    assert looks == [Waiting] * 4 + [Claim]  # 120 s after the last beat was seen, not before
+    assert states(storage, "t")[:1] == [TrialState.FAIL]
+
+
+def test_a_training_that_fails_tells_its_trial_fail_and_the_step_is_claimed_again():
+    storage = optuna.storages.InMemoryStorage()
+    study = SharedStudy(storage, "s", BISECTION)
+    claim = next(study.claims([0]))
+    with pytest.raises(RuntimeError), study.training(claim):
+        raise RuntimeError("out of memory")
+    assert states(storage) == [TrialState.FAIL]
+    assert next(study.claims([0])).d == claim.d
 
 
 def test_d_int90_follows_the_monotone_fit_not_a_lucky_or_unlucky_trial():

@@ -40,25 +40,6 @@ def test_mlflow_style_booleans_and_lists_parse():
     assert params.augment is True and params.label_noise == (0.0, 0.5, 1.0)
 
 
-BAD_INPUT = [
-    (["--dataset", "imagenet"], "--dataset"),
-    (["--conditions", "true_labels,rotated"], "--conditions"),
-    (["--model", "alexnet"], "--model"),
-    (["--label_noise", "0,1.5"], "--label_noise"),
-    (["--max_epochs", "0"], "--max_epochs"),
-    (["--batch_size", "-8"], "--batch_size"),
-    (["--devices", "4096"], "--devices"),
-    (["--strategy", "ddp_spawn"], "--strategy"),
-    (["--lr", "fast"], "--lr"),
-    (["--dataset", "mnist", "--data_dir", "nowhere"], "--data_dir"),
-]
-
-
-@pytest.mark.parametrize("flags,flag", BAD_INPUT)
-def test_bad_input_is_one_line_naming_the_flag_exit_2_and_no_run(refused, flags, flag):
-    assert flag in refused("randomization", *flags)
-
-
 def test_unknown_pipeline_exits_2(capsys):
     assert main(["no_such_pipeline"]) == 2
     assert "unknown pipeline" in capsys.readouterr().err
@@ -216,7 +197,7 @@ def test_sigterm_ends_the_open_runs_killed_and_exits_130(tracking_uri):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith("interrupted; the open runs are marked KILLED")
+    assert err.strip().splitlines()[-1].endswith("interrupted; the open runs are marked KILLED; run the same command again to resume")
     runs = client.search_runs([experiment])
     statuses = {run.info.run_name: run.info.status for run in runs}
     assert "RUNNING" not in statuses.values() and list(statuses.values()).count("KILLED") == 2, statuses

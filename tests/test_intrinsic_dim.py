@@ -1,6 +1,12 @@
 """The intrinsic_dim entry point end to end, through the real CLI, on `digits` with a tiny budget."""
 from __future__ import annotations
 
+import collections
+import json
+import subprocess
+import sys
+import time
+
 import matplotlib.pyplot as plt
 import optuna
 import pytest
@@ -14,6 +20,11 @@ SUMMARY_KEYS = {"d_int90", "d_int90_is", "D", "baseline_acc", "threshold_acc", "
 
 def trainings(run) -> list[str]:
     return sorted(child.info.run_name for child in run.children)
+
+
+def summary_of(run, parent) -> dict:
+    with open(run.client.download_artifacts(parent.info.run_id, "summary.json")) as handle:
+        return json.load(handle)
 
 
 def test_bisect_logs_every_trial_and_resumes_without_training_again(run_pipeline, tmp_path):
@@ -51,14 +62,46 @@ def test_bisect_logs_every_trial_and_resumes_without_training_again(run_pipeline
     assert again.children == []  # neither the direct net nor any trial was trained again
     assert again.summary() == summary
     studies = optuna.get_all_study_summaries(open_storage(storage))
-    assert len(studies) == 1 and studies[0].n_trials == 6
+    assert len(studies) == 1 and studies[0].n_trials == 7  # the direct net's, then the six of the bisection
     # What optuna-dashboard shows of a trial: d as its parameter, the rest as user attributes.
     study = optuna.load_study(study_name=studies[0].study_name, storage=open_storage(storage))
-    for trial, row in zip(study.trials, summary["trials"]):
+    direct, *bisection = study.trials
+    assert direct.user_attrs["training"] == "direct" and direct.value == summary["baseline_acc"] == \
+        study.user_attrs["baseline_acc"]
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    for trial, row in zip(bisection, summary["trials"]):
         assert trial.params == {"d": row["d"]} and trial.value == row["acc"]
-        assert {"seed", "val_acc", "passed", "threshold_acc", "test_acc", "epochs", "mlflow_run_id"} <= set(trial.user_attrs)
+        assert {"seed", "val_acc", "passed", "threshold_acc", "test_acc", "epochs", "mlflow_run_id",
+                "worker"} <= set(trial.user_attrs)
         assert trial.user_attrs["val_acc"] == row["acc"] and trial.user_attrs["passed"] == row["passed"]
         assert trial.user_attrs["threshold_acc"] == summary["threshold_acc"]
+
+
+def test_two_workers_share_the_study_train_nothing_twice_and_give_the_one_worker_answer(run_pipeline, tmp_path):
+    # FC 64-32-10, two bisection steps per seed (30-1000 at resolution 3): the direct net and four trials.
+    flags = (*TINY, "--widths", "32", "--max_epochs", "3", "--resolution", "3", "--seeds", "2")
+    one = run_pipeline("intrinsic_dim", *flags, "--storage", f"sqlite:///{tmp_path / 'one.db'}")
+    storage = f"sqlite:///{tmp_path / 'two.db'}"
+    two = run_pipeline("intrinsic_dim", *flags, "--storage", storage, "--workers", "2")
+    assert one.exit_code == two.exit_code == 0
+    parents = [p for p in two.parents if p.info.run_id != one.parent.info.run_id]
+    assert len(parents) == 2  # --workers 2: this process and one more, each with its own parent run
+    first, second = (summary_of(two, parent) for parent in parents)
+    assert first == second  # every worker ends with the whole study's summary
+    alone = one.summary()
+    assert {k: v for k, v in first.items() if k != "trials"} == {k: v for k, v in alone.items() if k != "trials"}
+    assert sorted(map(json.dumps, first["trials"])) == sorted(map(json.dumps, alone["trials"]))  # claimed in another order
+    # Nothing trained twice: over both parents, one child per training of the one-worker run, the direct net once.
+    ids = {parent.info.run_id for parent in parents}
+    children = [r.info.run_name for r in two.client.search_runs([two.parent.info.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") in ids]
+    assert sorted(children) == trainings(one) and children.count("direct") == 1
+    study = optuna.get_all_study_summaries(open_storage(storage))[0]
+    trials = optuna.load_study(study_name=study.study_name, storage=open_storage(storage)).trials
+    done = collections.Counter((t.user_attrs.get("seed"), t.params.get("d")) for t in trials
+                               if t.state == optuna.trial.TrialState.COMPLETE)
+    assert len(done) == 5 and set(done.values()) == {1}
+    assert {t.state for t in trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED}
 
 
 @pytest.mark.parametrize("threshold, kind, shown", [("0.01", "at_most", "d_int90 <= 55"),  # every trial passes
@@ -119,26 +162,58 @@ def test_other_modes_write_their_figures_and_summaries(run_pipeline):
     (("--storage", "sqlite:////no/such/folder/optuna.db"), "--storage"),
     (("--storage", "postgresql://nobody@127.0.0.1:1/none"), "--storage"),
     (("--storage", "journal:///no/such/folder/x.journal"), "--storage"),
+    (("--workers", "0"), "--workers"),
+    (("--workers", "2", "--mode", "sweep"), "--workers"),  # workers share an Optuna study
+    (("--workers", "2", "--devices", "2", "--strategy", "ddp"), "--workers"),
+    (("--workers", "2", "--storage", "sqlite://"), "--storage"),  # in memory: not shared by processes
 ])
 def test_bad_input_is_one_line_naming_the_flag(refused, flags, flag):
     assert flag in refused("intrinsic_dim", "--dataset", "digits", *flags)
 
 
 @pytest.mark.slow
-def test_ddp_gives_one_study_and_the_single_process_answer(run_pipeline, tmp_path):
-    # One trial at d = 200 decides the bracket [100, 400] at resolution 1; --reference skips the direct net.
-    flags = ("--dataset", "digits", "--max_epochs", "6", "--d_min", "100", "--d_max", "400", "--resolution", "1",
-             "--seeds", "1", "--reference", "1.0", "--threshold", "0.5")
-    single = run_pipeline("intrinsic_dim", *flags, "--storage", f"sqlite:///{tmp_path / 'single.db'}")
-    ddp = run_pipeline("intrinsic_dim", *flags, "--storage", f"sqlite:///{tmp_path / 'ddp.db'}",
+def test_the_claim_of_a_killed_worker_is_trained_again_by_the_next_run(run_pipeline, tracking_uri, tmp_path):
+    flags = (*TINY, "--seeds", "1", "--study_name", "s")
+    alone = run_pipeline("intrinsic_dim", *flags, "--storage", f"sqlite:///{tmp_path / 'alone.db'}").summary()
+    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+    command = [sys.executable, "-m", "pipelines", "intrinsic_dim", "--tracking_uri", tracking_uri, *flags,
+               "--storage", storage]
+    worker = subprocess.Popen(command)
+    running = []
+    while not running and worker.poll() is None:  # until it trains its second bisection step
+        time.sleep(0.2)
+        studies = optuna.get_all_study_summaries(open_storage(storage)) if (tmp_path / "killed.db").exists() else []
+        trials = optuna.load_study(study_name="s", storage=open_storage(storage)).trials if studies else []
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.number == 2]
+    worker.kill()  # SIGKILL: no handler runs, the claim stays RUNNING
+    worker.wait()
+    assert running, "the worker ended before its second step"
+
+    subprocess.run(command, check=True, timeout=600)  # a claim that blocked forever would end here
+    trials = optuna.load_study(study_name="s", storage=open_storage(storage)).trials
+    assert trials[2].state == optuna.trial.TrialState.FAIL  # the killed claim, given up at once (same host, no process)
+    done = [{"d": t.params["d"], "acc": t.value, "passed": t.user_attrs["passed"]} for t in trials
+            if t.state == optuna.trial.TrialState.COMPLETE and "d" in t.params]
+    assert sorted(map(json.dumps, done)) == sorted(map(json.dumps, alone["trials"]))  # its step trained again, once
+
+
+@pytest.mark.slow
+def test_ddp_gives_one_parent_run_one_study_and_the_single_process_d_int90(run_pipeline, tmp_path):
+    # The direct net and three bisection steps, trained by both ranks together; rank 0 alone claims and tells.
+    single = run_pipeline("intrinsic_dim", *TINY, "--seeds", "1", "--storage", f"sqlite:///{tmp_path / 'single.db'}")
+    storage = f"sqlite:///{tmp_path / 'ddp.db'}"
+    ddp = run_pipeline("intrinsic_dim", *TINY, "--seeds", "1", "--storage", storage,
                        "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu")
     assert single.exit_code == 0 and ddp.exit_code == 0
-    studies = optuna.get_all_study_summaries(open_storage(f"sqlite:///{tmp_path / 'ddp.db'}"))
-    assert len(studies) == 1 and studies[0].n_trials == 1 and len(ddp.children) == 1
     a, b = single.summary(), ddp.summary()
-    assert a["d_int90"] == b["d_int90"] == 200  # both passed at d = 200, the only d tried: a bound
-    assert a["d_int90_is"] == b["d_int90_is"] == "at_most"
-    assert b["trials"][0]["acc"] == pytest.approx(a["trials"][0]["acc"], abs=0.01)  # same global batch, same steps
+    assert [p.info.run_id for p in ddp.parents if p.info.run_id != single.parent.info.run_id] == [ddp.parent.info.run_id]
+    assert len(b["trials"]) == 3
+    assert len(set(trainings(ddp))) == len(ddp.children) == 4 and "direct" in trainings(ddp)  # each training once
+    studies = optuna.get_all_study_summaries(open_storage(storage))
+    assert len(studies) == 1 and studies[0].n_trials == 4
+    assert a["d_int90_is"] == b["d_int90_is"] == "measured"
+    assert max(a["d_int90"], b["d_int90"]) / min(a["d_int90"], b["d_int90"]) <= 2  # within --resolution 1
+    assert b["baseline_acc"] == pytest.approx(a["baseline_acc"], abs=0.03)  # same global batch, same steps
 
 
 @pytest.mark.slow

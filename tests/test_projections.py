@@ -159,6 +159,19 @@ def test_subspace_net_trains_only_theta_d_and_starts_at_theta0(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_subspace_theta_stays_float32_under_mixed_precision(name):
+    """theta is the net's parameters: autocast (--precision bf16-mixed, 16-mixed) must not round it to 16 bits."""
+    torch.manual_seed(0)
+    model = SubspaceNet(small_fc(), d=10, projection=name, seed=0)
+    with torch.no_grad():
+        model.theta_d.normal_()
+    exact = model.theta()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast runs Fastfood's Hadamard GEMMs in bf16
+        mixed = model.theta()
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, exact)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_subspace_net_adam_reduces_the_loss(name):
     torch.manual_seed(1)
     model = SubspaceNet(small_fc(), d=20, projection=name, seed=1)
