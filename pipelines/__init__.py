@@ -6,7 +6,7 @@ flags) and `run(params, tracking) -> summary`; `python -m pipelines <name> --fla
 import importlib
 
 NAMES = ("intrinsic_dim", "randomization", "bn_smoothness", "lottery_ticket", "memorization", "layer_robustness", "xor",
-         "description_length", "double_descent")
+         "description_length", "double_descent", "reading_group")
 
 
 def load(name: str):

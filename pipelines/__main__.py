@@ -24,6 +24,10 @@ from pipelines.training import Hardware
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # a command, not a pipeline: the reading group's report from stored runs
+        from pipelines.report import main as report
+
+        return report(argv[1:])
     if not argv or argv[0] not in NAMES:
         wanted = argv[0] if argv else ""
         print(f"usage: python -m pipelines {{{','.join(NAMES)}}} [--flag value ...]", file=sys.stderr)

@@ -195,7 +195,7 @@ class Tracking:
 
     def _open(self) -> None:
         check_reachable(self.uri)
-        run_id = os.environ.get("MLFLOW_RUN_ID")
+        run_id = None if self.nested_in else os.environ.get("MLFLOW_RUN_ID")  # a nested pipeline gets its own run
         if run_id:
             run = self.client.get_run(run_id)
             self.experiment_id = run.info.experiment_id
@@ -289,6 +289,10 @@ class Tracking:
         if not self.active:
             return
         self.log_dict(summary, "summary.json")
+        description = getattr(load(self.pipeline), "description", None)
+        if description:  # the pipeline writes its whole description (reading_group: its report's verdicts)
+            self.client.set_tag(self.parent_id, "mlflow.note.content", description(summary))
+            return
         headline = getattr(load(self.pipeline), "headline", None)
         self.set_note(headline(summary) if headline else generic_headline(self.name, summary), summary)
 

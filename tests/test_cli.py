@@ -197,7 +197,8 @@ def test_sigterm_ends_the_open_runs_killed_and_exits_130(tracking_uri):
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith("interrupted; the open runs are marked KILLED; run the same command again to resume")
+    assert err.strip().splitlines()[-1].endswith(
+        "interrupted; the open runs are marked KILLED; run the same command again to resume")
     runs = client.search_runs([experiment])
     statuses = {run.info.run_name: run.info.status for run in runs}
     assert "RUNNING" not in statuses.values() and list(statuses.values()).count("KILLED") == 2, statuses

@@ -14,8 +14,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-FLAGS = ["lottery_ticket", "--dataset", "digits", "--rounds", "2", "--max_epochs", "2", "--val_every", "22", "--controls", "random_reinit",
-         "--system_metrics", "false", "--accelerator", "cpu"]
+FLAGS = ["lottery_ticket", "--dataset", "digits", "--rounds", "2", "--max_epochs", "2", "--val_every", "22",
+         "--controls", "random_reinit", "--system_metrics", "false", "--accelerator", "cpu"]
 DDP = ["--strategy", "ddp"]
 
 
