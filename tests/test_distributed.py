@@ -1,6 +1,7 @@
 """One distributed launch per pipeline run: started by us (`--devices 2`), as two nodes on one machine
 (NODE_RANK 0 and 1), by torchrun; a rank that dies fails the run on rank 0 with one line; SIGTERM stops
-every rank. Real processes over gloo on the CPU; the pipeline is lottery_ticket (many short trainings)."""
+every rank. Real processes over gloo on the CPU: lottery_ticket (many short trainings; its masks must
+match one process's) and intrinsic_dim (rank 0 alone talks to Optuna; d_int90 within the resolution)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,8 @@ from mlflow.tracking import MlflowClient
 FLAGS = ["lottery_ticket", "--dataset", "digits", "--rounds", "2", "--max_epochs", "2", "--val_every", "22",
          "--controls", "random_reinit", "--system_metrics", "false", "--accelerator", "cpu"]
 DDP = ["--strategy", "ddp"]
+D_INT90 = ["intrinsic_dim", "--dataset", "digits", "--max_epochs", "4", "--d_min", "30", "--d_max", "1000",
+           "--resolution", "1", "--seeds", "1", "--system_metrics", "false", "--accelerator", "cpu"]
 
 
 def _free_port() -> str:
@@ -62,6 +65,29 @@ def single(tmp_path_factory) -> dict:
     return _summary(uri)
 
 
+def _same_d_int90(uri: str, storage: str, reference: dict) -> None:
+    import optuna
+
+    from pipelines.bisection import open_storage
+
+    parents, children = _runs(uri)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}  # direct + 3 bisection steps
+    (study,) = optuna.get_all_study_summaries(open_storage(storage))
+    assert study.n_trials == 4  # every trial told once, by rank 0
+    got = _summary(uri)
+    assert got["d_int90_is"] == reference["d_int90_is"] == "measured"
+    assert max(got["d_int90"], reference["d_int90"]) / min(got["d_int90"], reference["d_int90"]) <= 2  # resolution 1
+
+
+@pytest.fixture(scope="module")
+def single_d_int90(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("single_d_int90")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    assert _start([*D_INT90, "--storage", f"sqlite:///{folder / 'optuna.db'}"], uri, folder).wait() == 0
+    return _summary(uri)
+
+
 @pytest.mark.slow
 def test_devices_2_starts_its_ranks_once_and_gives_one_parent_run(tmp_path, single):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -73,24 +99,25 @@ def test_devices_2_starts_its_ranks_once_and_gives_one_parent_run(tmp_path, sing
 
 
 @pytest.mark.slow
-def test_two_nodes_on_one_machine(tmp_path, single):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_two_nodes_on_one_machine(tmp_path, single_d_int90):
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
     rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": _free_port()}
-    nodes = [_start([*FLAGS, *DDP, "--num_nodes", "2", "--devices", "1"], uri, tmp_path, NODE_RANK=str(rank),
-                    **rendezvous) for rank in (0, 1)]
+    nodes = [_start([*D_INT90, *DDP, "--storage", storage, "--num_nodes", "2", "--devices", "1"], uri, tmp_path,
+                    NODE_RANK=str(rank), **rendezvous) for rank in (0, 1)]
     assert [node.wait(timeout=600) for node in nodes] == [0, 0], [node.stderr.read()[-2000:] for node in nodes]
-    _finished_alike(uri, single)
+    _same_d_int90(uri, storage, single_d_int90)
 
 
 @pytest.mark.slow
-def test_torchrun(tmp_path, single):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_torchrun(tmp_path, single_d_int90):
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", _free_port(), "-m"]
-    run = _start([*FLAGS, *DDP, "--devices", "2"], uri, tmp_path, launcher=torchrun)
+    run = _start([*D_INT90, *DDP, "--storage", storage, "--devices", "2"], uri, tmp_path, launcher=torchrun)
     out, err = run.communicate(timeout=600)
     assert run.returncode == 0, err[-3000:]
-    _finished_alike(uri, single)
+    assert out.count("View the runs") == 1
+    _same_d_int90(uri, storage, single_d_int90)
 
 
 def _when_training(run: subprocess.Popen, uri: str) -> None:
