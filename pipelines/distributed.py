@@ -172,22 +172,24 @@ def _uses_gpu(hardware) -> bool:
 
 def stop(launch: Launch, ok: bool) -> None:
     """Leaves the group together (a rank that exits while gloo still serves another can abort it) and waits
-    for the ranks this process started; after an error on this rank they are stopped instead."""
+    for the ranks this process started. After an error on this rank they are stopped first: closing the
+    group under them would make each print a broken-connection traceback after this rank's one line."""
     global _objects
+    launch.stopping = True
+    for process in launch.ranks.values():
+        if not ok and process.poll() is None:
+            process.kill()
     if dist.is_initialized():
         if ok:
             dist.barrier()
         dist.destroy_process_group()
         _objects = None
-    launch.stopping = True
     for key, value in launch.environ.items():  # a later pipeline in this process starts afresh
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
     for process in launch.ranks.values():
-        if not ok and process.poll() is None:
-            process.kill()
         process.wait()
     launch.failed.update({r: p.returncode for r, p in launch.ranks.items() if p.returncode and ok})
     if ok and launch.failed:

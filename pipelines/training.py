@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
@@ -190,6 +192,20 @@ def steps_per_call(job: TrainJob) -> int:
     return 1 if any(is_overridden(hook, obj) for obj in hooked for hook in PER_BATCH_HOOKS) else job.steps_per_call
 
 
+class _KeepSigterm(L.Callback):
+    """Puts this process's SIGTERM handler back once Lightning has put its own first (at fit's start).
+    Under DDP Lightning's broadcasts from inside the handler, which the other ranks, inside a gradient
+    all-reduce, never answer: the run hung. The pipeline's ends this rank's runs KILLED at once, and
+    its launcher (ours, torchrun, srun) stops the other ranks."""
+
+    def __init__(self):
+        self.handler = signal.getsignal(signal.SIGTERM)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if callable(self.handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handler)
+
+
 def make_trainer(job: TrainJob) -> L.Trainer:
     from pipelines.storage import RunLogger
 
@@ -201,7 +217,7 @@ def make_trainer(job: TrainJob) -> L.Trainer:
     return L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, strategy=hw.strategy, num_nodes=hw.num_nodes,
         precision=hw.precision, max_epochs=job.max_epochs, max_steps=job.max_steps, logger=logger,
-        callbacks=job.callbacks, deterministic="warn", enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[*job.callbacks, _KeepSigterm()], deterministic="warn", enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=sys.stderr.isatty(), num_sanity_val_steps=0, use_distributed_sampler=False,
         check_val_every_n_epoch=job.check_val_every_n_epoch, val_check_interval=job.val_check_interval,
         limit_val_batches=None if getattr(job.datamodule, "eval_splits", True) else 0)
