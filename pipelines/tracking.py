@@ -241,7 +241,8 @@ class Tracking:
     def _take_over(self, previous) -> None:
         """Reuse what `previous` finished: its trainings left RUNNING by a killed process end KILLED, its
         FINISHED ones are reused (moved under this parent when it is a new run, as under `mlflow run`)."""
-        children = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{previous.info.run_id}'")
+        children = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{previous.info.run_id}'",
+                                           max_results=50000)  # MLflow's default page (1,000) is less than a big sweep
         for child in children:
             key = child.data.tags.get("training_key")
             if child.info.status == "RUNNING":
