@@ -29,7 +29,7 @@ from datamodules.datamodule import ArrayDataModule
 from modules.classifier import ClassifierModule
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, format_value, param, require, require_distinct, require_fraction
+from pipelines.params import CommonParams, fc_options, format_value, param, require, require_distinct, require_fraction
 from pipelines.training import datamodule, recipe, train
 
 LABELS = {"true": Corruption(), "random": Corruption("random_labels")}
@@ -71,7 +71,7 @@ class Params(CommonParams):
 
     def preflight(self) -> None:
         super().preflight()
-        self.checked_net(self.model, **({"widths": self.widths} if self.model == "fc" else {}))
+        self.checked_net(self.model, **fc_options(self))
         n = len(self.arrays().y_train)
         require(self.examples <= n, "examples", f"{self.examples:,} is more than the {n:,} training examples of "
                 f"{self.dataset}")
@@ -126,8 +126,7 @@ def code_chunk(params: Params, labels: str, seen: int, end: int, child) -> dict:
     """Bits to send labels seen+1..end with a model trained (early-stopped) on the first `seen`."""
     data = SentPrefix(params, labels, seen, end)
     data.setup()
-    options = {"widths": params.widths} if params.model == "fc" else {}
-    net = lambda: build_net(params.model, data.input_shape, data.num_classes, **options)
+    net = lambda: build_net(params.model, data.input_shape, data.num_classes, **fc_options(params))
     stop = EarlyStopping("val_loss", patience=params.patience, mode="min", check_finite=False)
     trained = train(recipe(params, data, net, callbacks=[KeepBest(), stop]), child)
     kept = trained.callback(KeepBest)

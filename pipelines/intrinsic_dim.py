@@ -49,7 +49,7 @@ from modules.subspace import SubspaceNet
 from pipelines.bisection import (Bisection, SharedStudy, default_storage, describe, estimate_d_int90,
                                  isotonic_curve, next_d, open_storage)
 from pipelines.figures import line_plot
-from pipelines.params import (CommonParams, UsageError, defaults, format_value, param, require, require_distinct,
+from pipelines.params import (CommonParams, UsageError, defaults, fc_options, format_value, param, require, require_distinct,
                               require_fits, require_fraction, resolved_accelerator)
 from pipelines.redact import mask_url
 from pipelines.tracking import NOT_IN_DIGEST, resolve_tracking_uri
@@ -175,8 +175,7 @@ class Params(CommonParams):
 
     def _D(self, params: "Params", size_flag: str | None = None) -> int:
         """D of the net that `params` describe, on this dataset (built on the meta device)."""
-        options = {"widths": params.widths} if params.model == "fc" else {}
-        return count_parameters(self.checked_net(params.model, size_flag, **options))
+        return count_parameters(self.checked_net(params.model, size_flag, **fc_options(params)))
 
     def storage_url(self) -> str:
         return self.storage or default_storage(resolve_tracking_uri(self.tracking_uri))
@@ -196,8 +195,7 @@ class Params(CommonParams):
 
 
 def build_net_for(params: Params, input_shape, num_classes):
-    options = {"widths": params.widths} if params.model == "fc" else {}
-    return build_net(params.model, input_shape, num_classes, **options)
+    return build_net(params.model, input_shape, num_classes, **fc_options(params))
 
 
 @functools.lru_cache(maxsize=None)

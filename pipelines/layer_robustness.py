@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt
 from callbacks.rewind_probe import BN_STATS, RewindProbe
 from modules.nets import NETS, NORMS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, param, require, require_distinct, require_fits
+from pipelines.params import CommonParams, fc_options, param, require, require_distinct, require_fits
 from pipelines.training import datamodule, recipe, train
 
 NORM_NETS = ("vgg11", "small_vgg")
@@ -83,7 +83,7 @@ class Params(CommonParams):
         """The options of --model: the fc model's widths, the norm of a net that takes one."""
         if self.model in NORM_NETS:
             return {"norm": self.norm}
-        return {"widths": self.widths} if self.model == "fc" else {}
+        return fc_options(self)
 
 
 def train_and_probe(params: Params, model: str, options: dict, child) -> RewindProbe:

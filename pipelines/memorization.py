@@ -28,7 +28,7 @@ from callbacks.stopping import stop_when, stopped_by_threshold
 from datamodules.corruption import Corruption
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, format_value, param, require, require_distinct, require_fraction
+from pipelines.params import CommonParams, fc_options, format_value, param, require, require_distinct, require_fraction
 from pipelines.training import Trained, datamodule, recipe, train
 
 NOISE_KINDS = {"randY": "label_noise", "randX": "gaussian"}
@@ -94,7 +94,7 @@ class Params(CommonParams):
 
     def preflight(self) -> None:
         super().preflight()
-        self.checked_net(self.model, **({"widths": self.widths} if self.model == "fc" else {}))
+        self.checked_net(self.model, **fc_options(self))
         n = len(self.arrays().y_train)
         require(self.train_subset <= n, "train_subset", f"{self.train_subset:,} is more than the {n:,} training "
                 f"examples of {self.dataset}")
@@ -133,8 +133,7 @@ def _train(params: Params, corruption: Corruption, child, callbacks: list, max_e
                       eval_splits=("val",) if val_fraction else ("test",))
 
     def net():
-        options = {"widths": params.widths, "dropout": dropout} if params.model == "fc" else {}
-        built = build_net(params.model, data.input_shape, data.num_classes, **options)
+        built = build_net(params.model, data.input_shape, data.num_classes, **fc_options(params, dropout=dropout))
         return InputNoise(built, input_noise) if input_noise else built
 
     return train(recipe(params, data, net, max_epochs=max_epochs, momentum=params.momentum,

@@ -130,6 +130,11 @@ def defaults(cls) -> dict[str, str]:
     return out
 
 
+def fc_options(params, **extra) -> dict:
+    """The options --model takes: the fc model's --widths (and `extra`); the zoo's other nets take none."""
+    return {"widths": params.widths, **extra} if params.model == "fc" else {}
+
+
 def require(condition: bool, flag: str, message: str) -> None:
     if not condition:
         raise UsageError(flag, message)

@@ -16,7 +16,7 @@ from callbacks.stopping import stop_when, stopped_by_threshold
 from datamodules.corruption import Corruption
 from modules.nets import NETS, build_net
 from pipelines.figures import line_plot
-from pipelines.params import CommonParams, format_value, param, require, require_distinct, require_fraction
+from pipelines.params import CommonParams, fc_options, format_value, param, require, require_distinct, require_fraction
 from pipelines.training import datamodule, recipe, train
 
 CONDITIONS = {"true_labels": "none", "random_labels": "random_labels", "shuffled_pixels": "shuffled_pixels",
@@ -72,7 +72,7 @@ def _trainings(params: Params) -> dict[tuple[str, float], list[str]]:
 
 
 def _net_options(params: Params) -> dict:
-    return {"widths": params.widths, "dropout": params.dropout} if params.model == "fc" else {}
+    return fc_options(params, dropout=params.dropout)
 
 
 def train_one(params: Params, corruption: Corruption, child) -> dict:
